@@ -1,0 +1,38 @@
+# twinv2: set-up, main job, tests. `make run` and `make test` are the two commands in README.md.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export GX_ANALYTICS_ENABLED := False
+export MLFLOW_ENABLE_TELEMETRY := false
+export DO_NOT_TRACK := 1
+
+.PHONY: setup run test test-fast bench airflow mlflow clean-data
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml or constraints.txt changed: quick and idempotent otherwise.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip check
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/python -m pipelines.main_job
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python -m bench.run_all
+
+airflow: setup
+	$(BIN)/python -m pipelines.services airflow
+
+mlflow: setup
+	$(BIN)/python -m pipelines.services mlflow

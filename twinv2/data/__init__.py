@@ -1,0 +1,1 @@
+"""Data layer: canonical schema, sharded Parquet store, synthetic world, real-log adapters."""
