@@ -87,13 +87,17 @@ class BehaviorWriter:
             return
         users = table.column("user_id").to_numpy()
         if self._last_user is not None and users[0] < self._last_user:
-            raise ValueError("BehaviorWriter.write: users must arrive in increasing user_id order")
+            raise ValueError("BehaviorWriter.write: users must arrive in increasing user_id order "
+                             f"(got user {users[0]} after user {self._last_user})")
+        if not _sorted_df(pd.DataFrame({"user_id": users, "ts": table.column("ts").to_numpy()})):
+            raise ValueError("BehaviorWriter.write: rows must be sorted by (user_id, ts)")
+        # a file ends only between users, so a user never spans two part files
+        if self._buf_rows >= self.rows_per_file and users[0] != self._last_user:
+            self._flush()
         self._last_user = int(users[-1])
         self._buf.append(table)
         self._buf_rows += len(table)
         self.n_rows += len(table)
-        if self._buf_rows >= self.rows_per_file:
-            self._flush()
 
     def _flush(self) -> None:
         if not self._buf:

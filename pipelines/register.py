@@ -1,0 +1,223 @@
+"""Register a trained run's model in MLflow as `twinv2`; the `challenger` / `champion` aliases.
+
+    run(run, data=None, params=None)
+
+- The run directory's files (model.pt, config, item_embeddings.npz, metrics.json, plots) are logged under
+  the artifact path `model/` of the run's training MLflow run (found by its `run_dir` tag; created when the
+  run was trained outside a DAG) and registered as a version of `params.register.model_name`.
+- Idempotent: a run already registered reuses its version (no duplicate versions on retry / re-run).
+- `challenger` always points at the newest registered version. `champion` moves to it only when its test
+  GAUC beats the champion's GAUC *on the same test data* by `register.champion_margin`. When the champion
+  was evaluated on other data (another data hash or cluster version), it is re-evaluated here on `data`.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from twinv2.config import load_params
+from twinv2.io import read_json
+
+from pipelines import tracking
+
+MODEL_ARTIFACTS = "model"
+
+
+def test_gauc(metrics: dict) -> float:
+    """The test-split GAUC of a metrics.json (evaluate's report)."""
+    for path in (("test", "gauc"), ("overall", "gauc"), ("gauc",), ("metrics", "gauc")):
+        node: Any = metrics
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, (int, float)):
+            return float(node)
+    raise ValueError(f"metrics.json has no test GAUC: expected a key 'gauc' (top level or under 'test'), "
+                     f"got keys {sorted(metrics)}")
+
+
+def eval_key(data: str | Path | None) -> str:
+    """What 'the same test data' means: the raw data hash and the cluster version models read."""
+    if data is None:
+        return "unknown"
+    current = Path(data) / "clusters" / "CURRENT"
+    clusters = current.read_text().strip() if current.exists() else "none"
+    return f"{tracking.data_hash(data)}|{clusters}"
+
+
+def checkpoint_hash(run: Path) -> str:
+    model = run / "model.pt"
+    if not model.exists():
+        raise FileNotFoundError(f"{model} not found: register expects a trained run directory holding "
+                                "model.pt (written by `twinv2 train --out RUN`)")
+    return tracking._file_md5(model)
+
+
+def _training_run_id(c, run: Path, data: str | Path | None) -> str:
+    exp = tracking.experiment_id(c)
+    found = tracking._find_run(c, exp, {"run_dir": str(run), "stage": "train"})
+    if found is None:
+        found = tracking._find_run(c, exp, {"run_dir": str(run), "role": "register-cli"})
+    if found is not None:
+        return found.info.run_id
+    tags = {"run_dir": str(run), "role": "register-cli", "mlflow.runName": f"register:{run.name}",
+            "git_commit": tracking.git_commit()}
+    if data is not None:
+        tags["dvc_data_hash"] = tracking.data_hash(data)
+    run_id = c.create_run(tracking.experiment_id(c), tags=tags).info.run_id
+    tracking.log_metrics(c, run_id, read_json(run / "metrics.json"))
+    tracking.finish(c, run_id)
+    return run_id
+
+
+def _log_model_files(c, run_id: str, run: Path) -> None:
+    files = [p for p in sorted(run.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    files += [p for p in (run / "plots",) if p.is_dir()]
+    tracking.log_paths(c, run_id, files, MODEL_ARTIFACTS)
+
+
+def champion_dir(version, dest: Path) -> Path:
+    """A local directory holding the files of a registered version (its run_dir, else downloaded)."""
+    local = Path(version.tags.get("run_dir", ""))
+    if local.is_dir() and (local / "model.pt").exists():
+        return local
+    import mlflow
+
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dest)))
+
+
+def champion_gauc_on(c, version, data: str | Path | None, key: str, scratch: Path, params: dict) -> float:
+    """The champion's test GAUC on the same test data as the challenger (re-evaluated if needed)."""
+    if version.tags.get("eval_key") == key and "gauc" in version.tags:
+        return float(version.tags["gauc"])
+    if data is None:
+        raise ValueError("the champion was evaluated on other data; pass data=DIR so that register can "
+                         "re-evaluate it on the challenger's test data")
+    from pipelines import evaluate
+
+    src = champion_dir(version, scratch / "download")
+    work = scratch / f"champion_v{version.version}"
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(src, work, ignore=shutil.ignore_patterns("metrics.json", "plots"))
+    evaluate.run(data=data, run=work, params=params)
+    gauc = test_gauc(read_json(work / "metrics.json"))
+    c.set_model_version_tag(version.name, version.version, "eval_key", key)
+    c.set_model_version_tag(version.name, version.version, "gauc", repr(gauc))
+    return gauc
+
+
+def run(run: str | Path, data: str | Path | None = None, params: dict | None = None) -> dict:
+    params = params or load_params()
+    cfg = params.get("register", {})
+    name = cfg.get("model_name", "twinv2")
+    margin = float(cfg.get("champion_margin", 0.0))
+    run = Path(run).resolve()
+    metrics_path = run / "metrics.json"
+    if not metrics_path.exists():
+        raise FileNotFoundError(f"{metrics_path} not found: register needs an evaluated run "
+                                "(run `twinv2 evaluate --data DIR --run RUN` first)")
+    metrics = read_json(metrics_path)
+    gauc = test_gauc(metrics)
+    ckpt = checkpoint_hash(run)
+    key = eval_key(data)
+
+    c = tracking.client()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="TWIN-V2 CTR model (aliases: champion, challenger)")
+
+    # 1. the version of this run (reused when it exists: idempotent)
+    mlflow_run = _training_run_id(c, run, data)
+    existing = [v for v in c.search_model_versions(f"name = '{name}' and run_id = '{mlflow_run}'")
+                if v.tags.get("checkpoint") == ckpt]
+    if existing:
+        version = sorted(existing, key=lambda v: int(v.version))[0]
+        created = False
+    else:
+        art = c.list_artifacts(mlflow_run, MODEL_ARTIFACTS)
+        if not any(a.path.endswith("model.pt") for a in art):
+            _log_model_files(c, mlflow_run, run)
+        source = f"{c.get_run(mlflow_run).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACTS}"
+        version = c.create_model_version(
+            name, source=source, run_id=mlflow_run,
+            tags={"checkpoint": ckpt, "run_dir": str(run), "gauc": repr(gauc), "eval_key": key,
+                  "model": str(metrics.get("model", run.name))})
+        created = True
+    c.set_registered_model_alias(name, "challenger", version.version)
+
+    # 2. the champion moves only on a real improvement on the same test data
+    try:
+        champ = c.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    champion_gauc = None
+    if champ is None:
+        promoted, reason = True, "no champion yet"
+    elif champ.version == version.version:
+        promoted, reason = False, "this version already is the champion"
+        champion_gauc = gauc
+    else:
+        scratch = run.parent / f".register-{hashlib.md5(str(run).encode()).hexdigest()[:8]}"
+        champion_gauc = champion_gauc_on(c, champ, data, key, scratch, params)
+        shutil.rmtree(scratch, ignore_errors=True)
+        promoted = gauc > champion_gauc + margin
+        reason = (f"challenger GAUC {gauc:.4f} {'>' if promoted else '<='} champion v{champ.version} "
+                  f"GAUC {champion_gauc:.4f} + margin {margin}")
+    if promoted:
+        c.set_registered_model_alias(name, "champion", version.version)
+    final_champion = version.version if promoted else (champ.version if champ else None)
+    report = {
+        "model_name": name, "version": int(version.version), "created": created,
+        "mlflow_run_id": mlflow_run, "challenger_gauc": gauc, "champion_gauc": champion_gauc,
+        "previous_champion": int(champ.version) if champ else None, "champion": int(final_champion),
+        "promoted": promoted, "reason": reason, "eval_key": key,
+    }
+    report["summary"] = (f"registered {name} v{version.version} ({'new' if created else 'existing'}) as "
+                         f"challenger; champion = v{final_champion} ({reason})")
+    return report
+
+
+def champion_version(params: dict | None = None):
+    """The registered version the `champion` alias points at, or None."""
+    params = params or load_params()
+    name = params.get("register", {}).get("model_name", "twinv2")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracking.client().get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+
+
+def champion_files(params: dict | None = None, dest: str | Path | None = None) -> Path | None:
+    """A local directory with the champion's files (model.pt, item_embeddings.npz), or None."""
+    version = champion_version(params)
+    if version is None:
+        return None
+    import tempfile
+
+    return champion_dir(version, Path(dest) if dest else Path(tempfile.mkdtemp(prefix="twinv2-champion-")))
+
+
+def champion_checkpoint(params: dict | None = None, model: str | None = None) -> str | None:
+    """The champion's model.pt for warm-starting `model` (only the registered model kind), else None."""
+    params = params or load_params()
+    name = params.get("register", {}).get("model_name", "twinv2")
+    if model is not None and model != name:
+        return None
+    files = champion_files(params)
+    return str(files / "model.pt") if files is not None and (files / "model.pt").exists() else None
+
+
+def champion_embeddings(params: dict | None = None) -> str | None:
+    """The champion's item_embeddings.npz (for full re-clustering), else None."""
+    files = champion_files(params)
+    if files is None or not (files / "item_embeddings.npz").exists():
+        return None
+    return str(files / "item_embeddings.npz")

@@ -1,0 +1,251 @@
+"""Local servers: `make mlflow` (MLflow tracking server) and `make airflow` (api-server, scheduler,
+dag-processor, triggerer with the LocalExecutor). Everything listens on 127.0.0.1 only.
+
+    python -m pipelines.services mlflow  [--port 5000]
+    python -m pipelines.services airflow [--port 8080]
+
+The same classes start/stop the servers of the end-to-end tests (random free ports, bounded waits).
+Airflow's metadata DB and config live in ./airflow_home (git-ignored). Credentials are never hard-coded:
+the simple auth manager generates the admin password on first start and this command prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from twinv2.config import REPO_ROOT
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Wait until `url` answers (any HTTP status < 500), the process dies, or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"server for {url} exited with code {proc.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status < 500:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+            last = e
+        except (urllib.error.URLError, OSError) as e:
+            last = e
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s (last error: {last})")
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 15) -> None:
+    """SIGTERM each process group we started, then SIGKILL what is left after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=10)
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and a local artifact root."""
+
+    def __init__(self, root: str | Path = REPO_ROOT / "mlflow", port: int | None = None, workers: int = 1):
+        self.root = Path(root).resolve()
+        self.port = port or free_port()
+        self.workers = workers
+        self.url = f"http://{HOST}:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = self.root / "server.log"
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"),
+               "--serve-artifacts", "--host", HOST, "--port", str(self.port), "--workers", str(self.workers)]
+        env = {**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=self.root)
+        wait_http(f"{self.url}/health", timeout, self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop([self.proc])
+            self.proc = None
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class AirflowServices:
+    """api-server + scheduler + dag-processor + triggerer sharing one AIRFLOW_HOME (SQLite, LocalExecutor)."""
+
+    COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+    def __init__(self, home: str | Path = REPO_ROOT / "airflow_home", port: int | None = None,
+                 all_admins: bool = False, extra_env: dict | None = None):
+        self.home = Path(home).resolve()
+        self.port = port or free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.all_admins = all_admins
+        self.extra_env = extra_env or {}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API__HOST": HOST,
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True" if self.all_admins else "False",
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "GX_ANALYTICS_ENABLED": "False", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1",
+        }
+        env.update(self.extra_env)
+        return env
+
+    def airflow(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout, cwd=self.home)
+
+    def migrate(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        r = self.airflow("db", "migrate")
+        if r.returncode != 0:
+            raise RuntimeError(f"airflow db migrate failed in {self.home}:\n{r.stderr[-3000:]}")
+
+    def start(self, timeout: float = 180) -> "AirflowServices":
+        self.migrate()
+        bin_args = {"api-server": ["api-server", "--host", HOST, "--port", str(self.port)],
+                    "scheduler": ["scheduler"], "dag-processor": ["dag-processor"], "triggerer": ["triggerer"]}
+        for name in self.COMPONENTS:
+            log = self.home / f"{name}.log"
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", *bin_args[name]], env=self.env,
+                                                stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                                start_new_session=True, cwd=self.home)
+        try:
+            wait_http(f"{self.url}/api/v2/monitor/health", timeout, self.procs["api-server"],
+                      self.home / "api-server.log")
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def password(self) -> str | None:
+        f = self.home / "simple_auth_manager_passwords.json.generated"
+        return json.loads(f.read_text()).get("admin") if f.exists() else None
+
+    def token(self) -> str:
+        """A JWT for the REST API (POST /auth/token with the generated admin password)."""
+        if self.all_admins:
+            req = urllib.request.Request(f"{self.url}/auth/token", method="GET")
+        else:
+            body = json.dumps({"username": "admin", "password": self.password()}).encode()
+            req = urllib.request.Request(f"{self.url}/auth/token", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["access_token"]
+
+    def api(self, method: str, path: str, body: dict | None = None, token: str | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {token or self.token()}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read() or b"{}")
+
+    def stop(self) -> None:
+        _stop(list(self.procs.values()), grace=20)
+        self.procs = {}
+
+    def __enter__(self) -> "AirflowServices":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _serve(kind: str, port: int | None) -> int:
+    if kind == "mlflow":
+        srv = MlflowServer(port=port or 5000)
+        srv.start()
+        print(f"MLflow UI: {srv.url}  (backend sqlite:///mlflow/mlflow.db, artifacts mlflow/artifacts; "
+              f"log {srv.log})\nPoint the pipeline at it with: export MLFLOW_TRACKING_URI={srv.url}\n"
+              "Ctrl-C stops it.", flush=True)
+    else:
+        srv = AirflowServices(port=port or 8080)
+        srv.start()
+        pw = srv.password()
+        print(f"Airflow UI: {srv.url}  user: admin  password: {pw}\n(generated on first start, kept in "
+              f"{srv.home}/simple_auth_manager_passwords.json.generated; logs in {srv.home}/*.log)\n"
+              "DAGs: twinv2_daily, twinv2_recluster (paused at creation: unpause or trigger them in the UI).\n"
+              "Ctrl-C stops all components.", flush=True)
+    try:
+        while True:
+            procs = [srv.proc] if kind == "mlflow" else list(srv.procs.values())
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                print(f"a component exited (code {dead[0].returncode}); stopping", file=sys.stderr)
+                return 1
+            time.sleep(2)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        srv.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.services")
+    p.add_argument("kind", choices=["mlflow", "airflow"])
+    p.add_argument("--port", type=int, default=None)
+    a = p.parse_args(argv)
+    return _serve(a.kind, a.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""`twinv2 train --data DIR --model NAME --out RUNDIR [--resume] [--warm-start CKPT]`.
+
+Reads DIR/validated/ (and the CURRENT cluster version for models whose long part is clusters), trains
+on the train split with early stopping on validation GAUC, and writes RUNDIR/:
+
+    config.json            model, params, data, cluster version, vocabulary sizes, device
+    vocab.npz              the exact vocabulary (evaluation and serving rebuild batches with it)
+    checkpoints/epoch-NNNN.pt   one per epoch (atomic), --resume continues from the last
+    model.pt               best weights (state dict; torch.load(weights_only=True))
+    item_embeddings.npz    item_id (N,), emb (N, d), version  -> `twinv2 cluster --embeddings RUNDIR`
+    train_metrics.json     the report
+
+Under torchrun (WORLD_SIZE > 1) every rank trains on its share of the batches (DDP) and rank 0 writes.
+MLflow: logs into the active run, or the run MLFLOW_RUN_ID names, or its own run when
+MLFLOW_TRACKING_URI is set; nothing otherwise.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from twinv2.config import load_params
+from twinv2.io import atomic_path, read_json, write_json
+from twinv2.training import ddp
+from twinv2.training.checkpoint import load_checkpoint, state_hash
+from twinv2.training.loop import TrainConfig, fit
+from twinv2.training.samples import loader
+from twinv2.training.world import load_world
+
+
+def build(name: str, vocab, params: dict):
+    from twinv2.models import build_model
+
+    return build_model(name, vocab.sizes(), params)
+
+
+def _save_state_dict(path: Path, sd: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in sd.items()}, tmp)
+
+
+def _warm_start(model: torch.nn.Module, path: str | Path) -> dict:
+    """Initialise from a checkpoint, a model.pt, or a run directory holding one; only matching shapes."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.exists():
+        raise FileNotFoundError(f"--warm-start {path}: no such checkpoint or run directory with model.pt")
+    sd = load_checkpoint(p)
+    sd = sd.get("best_model", sd.get("model", sd)) if isinstance(sd, dict) and ("model" in sd) else sd
+    own = model.state_dict()
+    ok = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(ok, strict=False)
+    return {"warm_start": str(p), "loaded": len(ok), "of": len(own)}
+
+
+def run(data: str | Path, model: str, out: str | Path, params: dict | None = None, resume: bool = False,
+        warm_start: str | Path | None = None) -> dict:
+    params = params or load_params()
+    tp = dict(params.get("train", {}))
+    cfg = TrainConfig.from_params(tp)
+    out = Path(out)
+    info = ddp.setup(tp.get("device"))
+    try:
+        return _run(data, model, out, params, tp, cfg, info, resume, warm_start)
+    finally:
+        ddp.cleanup(info)
+
+
+def _run(data, name, out: Path, params, tp, cfg: TrainConfig, info, resume, warm_start) -> dict:
+    torch.manual_seed(cfg.seed)
+    from twinv2.models import MODEL_NAMES, REGISTRY
+
+    if name not in MODEL_NAMES:
+        raise ValueError(f"--model {name!r} is not a model; expected one of {list(MODEL_NAMES)}")
+    need_clusters = getattr(REGISTRY[name], "long_source", "raw") == "clusters"
+    if resume and not (out / "checkpoints").is_dir():
+        raise FileNotFoundError(f"--resume: {out / 'checkpoints'} not found; nothing to resume from")
+    t0 = time.perf_counter()
+    world = load_world(data, need_clusters=need_clusters, cluster_version=tp.get("cluster_version"),
+                       features=tp.get("features"))
+    model = build(name, world.vocab, params)
+    warm = _warm_start(model, warm_start) if warm_start else None
+    torch.manual_seed(cfg.seed)
+    model = model.to(info.device)
+    tr, va = world.samples("train"), world.samples("valid")
+    if len(tr) == 0:
+        raise ValueError(f"{data}: the validated impressions hold no 'train' rows; expected split train/valid/test")
+    bs = int(tp.get("batch_size", 256))
+    nw = int(tp.get("num_workers", 0))
+    train_loader = loader(world.dataset(tr, model), bs, shuffle=True, seed=cfg.seed, num_workers=nw,
+                          rank=info.rank, world=info.world)
+    valid_loader = loader(world.dataset(va, model), int(tp.get("eval_batch_size", 1024)), shuffle=False,
+                          num_workers=nw)
+    config = {"model": name, "data": str(Path(data).resolve()), "params": {"model": params.get("model", {}),
+              "train": tp}, "long_source": model.long_source, "long_len": model.long_len,
+              "short_len": model.short_len, "vocab": world.vocab.sizes(), "cluster_version": world.cluster_version,
+              "watermark": world.watermark, "n_train": len(tr), "n_valid": len(va), "device": str(info.device),
+              "world_size": info.world, "warm_start": warm, "data_source": world.meta.get("source")}
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and (out / "config.json").exists():
+            old = read_json(out / "config.json")
+            if old.get("model") != name:
+                raise ValueError(f"--resume: {out} holds a {old.get('model')!r} run, not {name!r}")
+        write_json(out / "config.json", config)
+        world.vocab.save(out / "vocab.npz")
+    net = ddp.wrap(model, info)
+    with _mlflow(out, config, params, info.is_main) as ml:
+        report = fit(net, train_loader, valid_loader, cfg, out / "checkpoints", info, resume=resume,
+                     on_step=ml.step, on_epoch=ml.epoch)
+        model = ddp.unwrap(net)
+        report.update(model=name, n_train=len(tr), n_valid=len(va), world_size=info.world, device=str(info.device),
+                      cluster_version=world.cluster_version, total_wall_s=time.perf_counter() - t0)
+        if info.is_main:
+            sd = model.state_dict()
+            _save_state_dict(out / "model.pt", sd)
+            version = f"{out.name}-{state_hash(sd)}"
+            emb = model.item_embedding_table().numpy()
+            n = len(world.vocab.item_ids)
+            with atomic_path(out / "item_embeddings.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, item_id=world.vocab.item_ids.astype(np.int64),
+                             emb=emb[1:n + 1].astype(np.float32), version=np.array(version))
+            report["embedding_version"] = version
+            best = report["best_valid_gauc"]
+            report["summary"] = (f"trained {name} on {len(tr):,} samples: {report['epochs_run']} epochs, best valid "
+                                 f"GAUC {best if best is None else round(best, 4)} (epoch {report['best_epoch']}), "
+                                 f"{report['total_wall_s']:.1f}s -> {out}")
+            write_json(out / "train_metrics.json", report)
+            ml.finish(report, model, world)
+    return report
+
+
+# ------------------------------------------------------------------------------------------- MLflow
+
+
+class _NoTracking:
+    def step(self, step: int, metrics: dict) -> None:
+        pass
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        pass
+
+    def finish(self, report: dict, model, world) -> None:
+        pass
+
+
+class _Tracking(_NoTracking):
+    def __init__(self, mlflow, out: Path):
+        self.mlflow, self.out = mlflow, out
+
+    def step(self, step, metrics):
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def epoch(self, epoch, metrics):
+        self.mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and v is not None and k != "epoch"}, step=epoch)
+
+    def finish(self, report, model, world):
+        mlflow = self.mlflow
+        mlflow.log_metrics({k: float(report[k]) for k in ("best_valid_gauc", "best_epoch", "epochs_run", "wall_s")
+                            if isinstance(report.get(k), (int, float))})
+        for f in ("config.json", "train_metrics.json", "item_embeddings.npz", "vocab.npz"):
+            if (self.out / f).exists():
+                mlflow.log_artifact(str(self.out / f))
+        log_pyfunc(mlflow, self.out, world)
+
+
+def _mlflow_wanted() -> bool:
+    if os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_RUN_ID"):
+        return True
+    import sys
+
+    return "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+@contextmanager
+def _mlflow(out: Path, config: dict, params: dict, is_main: bool):
+    if not (is_main and _mlflow_wanted()):
+        yield _NoTracking()
+        return
+    import mlflow
+
+    own = mlflow.active_run() is None
+    if own:
+        rid = os.environ.get("MLFLOW_RUN_ID")
+        run = (mlflow.start_run(run_id=rid) if rid else
+               mlflow.start_run(run_name=f"train-{config['model']}", log_system_metrics=True))
+    try:
+        params_flat = _flat({"train": params.get("train", {}), "model": params.get("model", {})})
+        existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+        mlflow.log_params({k: v for k, v in params_flat.items() if k not in existing})
+        mlflow.set_tags({"stage": "train", "model": config["model"], "cluster_version": str(config["cluster_version"])})
+        mlflow.log_dict(config, "config.json")
+        yield _Tracking(mlflow, out)
+    finally:
+        if own:
+            mlflow.end_run()
+
+
+def pyfunc_class():
+    """The MLflow pyfunc wrapper of a run (defined on demand so that importing this module stays light)."""
+    import mlflow
+
+    class TwinV2Model(mlflow.pyfunc.PythonModel):
+        """Input: a DataFrame of user_id, item_id[, ts]; output: the click probability of each row,
+        scored from the stored history and clusters of the dataset directory the run was trained on."""
+
+        def load_context(self, context):
+            from twinv2.training.scoring import RunScorer
+
+            self.scorer = RunScorer(context.artifacts["run_dir"])
+
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            return pd.DataFrame({"score": self.scorer.predict_frame(model_input)["prob"]})
+
+    return TwinV2Model
+
+
+def log_pyfunc(mlflow, out: Path, world) -> None:
+    """Log the run as an MLflow pyfunc model with a signature (user_id, item_id, ts) -> score."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from twinv2.training.scoring import RunScorer
+
+    import shutil
+    import tempfile
+
+    example = world.impressions[["user_id", "item_id", "ts"]].head(5).reset_index(drop=True)
+    scores = RunScorer(out, world=world).predict_frame(example)["prob"]
+    signature = infer_signature(example, pd.DataFrame({"score": scores}))
+    with tempfile.TemporaryDirectory() as tmp:      # the weights, not the checkpoints
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        for f in ("config.json", "vocab.npz", "model.pt"):
+            shutil.copy2(out / f, run_dir / f)
+        mlflow.pyfunc.log_model(name="model", python_model=pyfunc_class()(), artifacts={"run_dir": str(run_dir)},
+                                signature=signature, input_example=example)

@@ -1,0 +1,121 @@
+"""Real Airflow components on 127.0.0.1 (api-server, scheduler, dag-processor, triggerer; LocalExecutor):
+the REST API lists both DAGs, the UI in headless Chromium shows them, and a triggered twinv2_daily run
+on the tiny world succeeds while logging to a real `mlflow server`."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.services import AirflowServices, MlflowServer
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                  "--window-size=1400,900", "--virtual-time-budget=20000"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    with MlflowServer(root=tmp_path_factory.mktemp("mlflow")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory, mlflow_server):
+    # all_admins: the headless browser cannot type the generated password; the REST token flow is the same.
+    srv = AirflowServices(home=tmp_path_factory.mktemp("airflow_home"), all_admins=True,
+                          extra_env={"MLFLOW_TRACKING_URI": mlflow_server.url})
+    srv.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ids = {d["dag_id"] for d in srv.api("GET", "/api/v2/dags")["dags"]}
+            if {"twinv2_daily", "twinv2_recluster"} <= ids:
+                break
+            time.sleep(2)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_rest_api_lists_both_dags(airflow):
+    dags = {d["dag_id"]: d for d in airflow.api("GET", "/api/v2/dags")["dags"]}
+    assert {"twinv2_daily", "twinv2_recluster"} <= set(dags)
+    detail = airflow.api("GET", "/api/v2/dags/twinv2_daily/details")
+    assert "validate" in (detail.get("doc_md") or "")
+    assert detail["params"]["train_epochs"]["value"] is not None
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is not installed: `apt-get install -y chromium` (.ci/run does it)")
+    return exe
+
+
+def test_ui_lists_both_dags_in_chromium(airflow):
+    url = f"{airflow.url}/auth/token/login?next={airflow.url}/dags"
+    exe = _chromium()
+    with tempfile.TemporaryDirectory() as prof:
+        dom = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={prof}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=120).stdout
+    assert "twinv2_daily" in dom and "twinv2_recluster" in dom, dom[-2000:]
+    shot = REPO / "docs" / "screenshots" / "airflow_dags.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as prof:
+        tmp = Path(prof) / "shot.png"
+        subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={prof}", f"--screenshot={tmp}", url],
+                       capture_output=True, timeout=120)
+        assert tmp.exists() and tmp.stat().st_size > 10_000
+        shutil.copyfile(tmp, shot)
+
+
+def test_trigger_daily_through_rest_and_read_back_mlflow(airflow, mlflow_server, tiny_world, tmp_path):
+    from mlflow import MlflowClient
+
+    token = airflow.token()
+    airflow.api("PATCH", "/api/v2/dags/twinv2_daily", {"is_paused": False}, token)
+    conf = {"data": str(tiny_world), "runs": str(tmp_path / "runs"), "train_epochs": 1, "n_shards": 2}
+    run = airflow.api("POST", "/api/v2/dags/twinv2_daily/dagRuns", {"logical_date": None, "conf": conf}, token)
+    run_id = run["dag_run_id"]
+    deadline = time.monotonic() + 480
+    state = None
+    while time.monotonic() < deadline:
+        state = airflow.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}", token=airflow.token())["state"]
+        if state in ("success", "failed"):
+            break
+        time.sleep(3)
+    tis = airflow.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}/taskInstances", token=airflow.token())
+    states = {(t["task_id"], t["map_index"]): t["state"] for t in tis["task_instances"]}
+    assert state == "success", f"run {run_id} ended {state}: {states}\n" + "".join(
+        p.read_text()[-1500:] for p in Path(airflow.home).glob("scheduler.log"))
+    assert states[("cluster_shard", 0)] == states[("cluster_shard", 1)] == "success"
+
+    # read everything back from the real MLflow server over HTTP
+    c = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    exp = c.get_experiment_by_name("twinv2")
+    parent = c.search_runs([exp.experiment_id], f"tags.role = 'parent' and tags.run_id = '{run_id}'")
+    assert len(parent) == 1
+    children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'")
+    stages = {r.data.tags["stage"] for r in children}
+    assert {"validate", "cluster", "cluster_finalize", "train", "evaluate", "register"} <= stages
+    for r in children:
+        for tag in ("dag_id", "run_id", "try_number", "git_commit", "dvc_data_hash"):
+            assert r.data.tags.get(tag), (r.data.tags.get("stage"), tag)
+    ev = [r for r in children if r.data.tags["stage"] == "evaluate"]
+    assert {r.data.tags["model"] for r in ev} == {"twinv2", "twin"}
+    names = [set(r.data.metrics) for r in ev]
+    assert names[0] == names[1] and any("gauc" in m for m in names[0])
+    arts = {a.path for a in c.list_artifacts(ev[0].info.run_id)}
+    assert "metrics.json" in arts and "plots" in arts
+    champ = c.get_model_version_by_alias("twinv2", "champion")
+    chall = c.get_model_version_by_alias("twinv2", "challenger")
+    assert str(champ.version) == str(chall.version) == "1"
+    files = {a.path for a in c.list_artifacts(champ.run_id, "model")}
+    assert "model/model.pt" in files

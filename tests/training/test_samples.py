@@ -1,0 +1,171 @@
+"""Samples: leakage, clusters as of the watermark, short part, padding, against a per-sample reference."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from twinv2.data.store import BehaviorWriter, UserHistories
+from twinv2.training.samples import (SampleSet, Vocab, cluster_features, extra_cross_columns, loader,
+                                     make_samples, raw_features)
+
+DAY = 86_400_000
+
+
+def small_store(tmp_path, seed=0, n_users=6, max_len=40):
+    rng = np.random.default_rng(seed)
+    items = pd.DataFrame({"item_id": np.arange(100, 160), "author_id": rng.integers(0, 7, 60) * 10,
+                          "category": rng.integers(0, 5, 60), "duration_ms": rng.integers(5_000, 200_000, 60)})
+    rows = []
+    for u in range(n_users):
+        n = int(rng.integers(0, max_len)) if u else 0           # user 0 has no history
+        ts = np.sort(rng.choice(np.arange(0, 100 * DAY, 3_600_000), n, replace=False))
+        it = rng.integers(100, 161, n)                          # 160 is unknown to the items table
+        dur = items.set_index("item_id").reindex(it)["duration_ms"].fillna(30_000).to_numpy()
+        rows.append(pd.DataFrame({"user_id": u, "item_id": it, "ts": ts,
+                                  "play_ms": (dur * rng.uniform(0, 2, n)).astype(int), "duration_ms": dur.astype(int),
+                                  "liked": rng.integers(0, 2, n)}))
+    beh = pd.concat(rows, ignore_index=True)
+    with BehaviorWriter(tmp_path / "behaviors") as w:
+        w.write(beh)
+    hist = UserHistories.load(tmp_path / "behaviors")
+    imp = pd.DataFrame({"user_id": rng.integers(0, n_users + 1, 50), "item_id": rng.integers(100, 160, 50),
+                        "ts": rng.integers(20 * DAY, 110 * DAY, 50), "label": rng.integers(0, 2, 50)})
+    return items, beh, hist, imp
+
+
+def reference_seq(vocab, beh, user, ts, width):
+    """Plain reference: filter the user's behaviours with ts < sample ts, keep the last `width`."""
+    h = beh[(beh.user_id == user) & (beh.ts < ts)].sort_values("ts").tail(width)
+    out = np.zeros((width, 4 + 2 + 1 + 1), dtype=np.int64)   # item author category dur | comp play gap liked
+    mask = np.zeros(width, bool)
+    for k, r in enumerate(h.itertuples()):
+        ii = vocab.item_index(np.array([r.item_id]))[0]
+        comp = int(np.digitize(r.play_ms / max(r.duration_ms, 1), vocab.features["completion_edges"])) + 1
+        play = int(np.digitize(r.play_ms / 1000, vocab.features["play_edges_s"])) + 1
+        gap = min(int(math.floor(math.log2(1 + (ts - r.ts) / 1000))), 30) + 1
+        liked = int(np.digitize(r.liked, vocab.extra_edges["liked"])) + 1
+        dur = int(np.digitize(r.duration_ms / 1000, vocab.features["dur_edges_s"])) + 1
+        out[k] = [ii, vocab.item_author[ii], vocab.item_category[ii], dur, comp, play, gap, liked]
+        mask[k] = True
+    return out, mask, h
+
+
+def as_rows(part):
+    return np.concatenate([torch.stack([part[k] for k in ("item", "author", "category", "dur_bucket")], -1).numpy(),
+                           part["cross"].numpy()], -1)
+
+
+def test_raw_batches_match_reference_and_never_leak(tmp_path):
+    items, beh, hist, imp = small_store(tmp_path)
+    assert extra_cross_columns(beh.columns) == ["liked"]
+    vocab = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
+    assert vocab.sizes()["cross"][3] == 11 and len(vocab.sizes()["cross"]) == 4
+    samples = make_samples(imp, hist, vocab)
+    ds = SampleSet(samples, raw_features(hist, vocab), vocab, "raw", long_len=12, short_len=5)
+    b = ds[list(range(len(imp)))]
+    assert b["long"]["item"].shape == (50, 12) and b["long"]["cross"].shape == (50, 12, 4)
+    assert b["short"]["item"].shape == (50, 5) and b["long"]["item"].dtype == torch.int64
+    for i, r in enumerate(imp.itertuples()):
+        for part, width in (("long", 12), ("short", 5)):
+            ref, mask, h = reference_seq(vocab, beh, r.user_id, r.ts, width)
+            got = as_rows(b[part])[i]
+            assert (b[part]["mask"][i].numpy() == mask).all()
+            np.testing.assert_array_equal(got, ref)           # padding at the end is all zeros
+            assert (h.ts < r.ts).all()                         # leakage rule of the reference itself
+        assert b["target"]["item"][i] == vocab.item_index(np.array([r.item_id]))[0]
+    assert (b["long"]["log_n"] == 0).all()
+    # the short part is the tail of the long part when both fit
+    n_long = b["long"]["mask"].sum(1)
+    for i in range(50):
+        k = int(min(n_long[i], 5))
+        assert (b["short"]["item"][i, :k] == b["long"]["item"][i, n_long[i] - k:n_long[i]]).all()
+
+
+def test_no_behaviour_at_or_after_sample_ts(tmp_path):
+    items, beh, hist, imp = small_store(tmp_path, seed=3)
+    # samples exactly at a behaviour's ts: that behaviour must not be in the history
+    u = int(beh.user_id.value_counts().idxmax())
+    b0 = beh[beh.user_id == u].iloc[5]
+    imp = pd.DataFrame({"user_id": [u], "item_id": [101], "ts": [b0.ts], "label": [1]})
+    vocab = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
+    ds = SampleSet(make_samples(imp, hist, vocab), raw_features(hist, vocab), vocab, "raw", None, 3)
+    b = ds[[0]]
+    assert int(b["long"]["mask"].sum()) == 5                   # exactly the 5 behaviours strictly before
+    assert b["long"]["item"].shape[1] == 5                     # long_len None: whole history, dynamic width
+
+
+def clusters_for(beh, watermark, vocab_items):
+    rows = []
+    for u, g in beh[beh.ts < watermark].groupby("user_id"):
+        for cid, ix in enumerate(np.array_split(np.arange(len(g)), max(1, len(g) // 4))):
+            part = g.iloc[ix]
+            if len(part) == 0:
+                continue
+            rep = part.iloc[0]
+            rows.append({"user_id": u, "cluster_id": cid, "group": 0, "size": len(part), "item_id": rep.item_id,
+                         "author_id": int(vocab_items.set_index("item_id").author_id.get(rep.item_id, -1)),
+                         "category": int(vocab_items.set_index("item_id").category.get(rep.item_id, -1)),
+                         "duration_ms": part.duration_ms.mean(), "play_ms": part.play_ms.mean(),
+                         "completion": (part.play_ms / part.duration_ms).mean(), "ts": part.ts.mean(),
+                         "liked": part.liked.mean()})
+    return pd.DataFrame(rows)
+
+
+def test_clusters_as_of_watermark(tmp_path):
+    items, beh, hist, imp = small_store(tmp_path, seed=1, max_len=60)
+    W = 50 * DAY
+    cl = clusters_for(beh, W, items)
+    vocab = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
+    cf = cluster_features(cl, vocab)
+    with pytest.raises(ValueError, match="watermark"):
+        make_samples(imp, hist, vocab, cf, watermark=W)       # some impressions are before W
+    imp = imp[imp.ts >= W].reset_index(drop=True)
+    s = make_samples(imp, hist, vocab, cf, watermark=W)
+    ds = SampleSet(s, raw_features(hist, vocab), vocab, "clusters", long_len=3, short_len=4, clusters=cf)
+    b = ds[list(range(len(imp)))]
+    for i, r in enumerate(imp.itertuples()):
+        mine = cl[cl.user_id == r.user_id].sort_values("ts").tail(3)
+        m = b["long"]["mask"][i].numpy()
+        assert m.sum() == len(mine)
+        assert (mine.ts < W).all()
+        np.testing.assert_allclose(b["long"]["log_n"][i].numpy()[m], np.log(mine["size"].to_numpy()), rtol=1e-6)
+        np.testing.assert_array_equal(b["long"]["item"][i].numpy()[m], vocab.item_index(mine.item_id.to_numpy()))
+        assert (b["long"]["log_n"][i].numpy()[~m] == 0).all()
+        # cross: averaged completion bucket, gap from the mean ts
+        comp = np.digitize(mine.completion, vocab.features["completion_edges"]) + 1
+        np.testing.assert_array_equal(b["long"]["cross"][i, m, 0].numpy(), comp)
+        gap = np.minimum(np.floor(np.log2(1 + (r.ts - mine.ts.to_numpy()) / 1000)), 30) + 1
+        np.testing.assert_array_equal(b["long"]["cross"][i, m, 2].numpy(), gap)
+        ref, mask, _ = reference_seq(vocab, beh, r.user_id, r.ts, 4)     # short part stays raw, up to ts
+        np.testing.assert_array_equal(as_rows(b["short"])[i], ref)
+
+
+def test_loader_workers_same_batches_and_deterministic_order(tmp_path):
+    items, beh, hist, imp = small_store(tmp_path, seed=2)
+    vocab = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
+    ds = SampleSet(make_samples(imp, hist, vocab), raw_features(hist, vocab), vocab, "raw", 8, 4)
+    a = list(loader(ds, 16, shuffle=True, seed=5, num_workers=0))
+    b = list(loader(ds, 16, shuffle=True, seed=5, num_workers=2))
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert torch.equal(x["long"]["item"], y["long"]["item"]) and torch.equal(x["label"], y["label"])
+    users = torch.cat([x["user"] for x in a])
+    assert sorted(users.tolist()) == sorted(imp.user_id.tolist())      # every sample once per epoch
+    # ranks of a 2-process run split the batches without overlap
+    r0 = list(loader(ds, 16, True, 5, rank=0, world=2).sampler)
+    r1 = list(loader(ds, 16, True, 5, rank=1, world=2).sampler)
+    assert len(r0) == len(r1) == 2 and not set(sum(r0, [])) & set(sum(r1, []))
+
+
+def test_vocab_roundtrip(tmp_path):
+    items, beh, hist, imp = small_store(tmp_path)
+    v = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
+    v.save(tmp_path / "vocab.npz")
+    w = Vocab.load(tmp_path / "vocab.npz")
+    assert w.sizes() == v.sizes()
+    np.testing.assert_array_equal(w.item_author, v.item_author)
+    assert v.item_index(np.array([160, 100]))[0] == len(v.item_ids) + 1
+    with pytest.raises(ValueError, match="lacks columns"):
+        Vocab.build(items.drop(columns="category"))

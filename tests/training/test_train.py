@@ -1,0 +1,102 @@
+"""Training end to end on the tiny world: planted signals, resume equivalence, outputs and errors."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import evaluate, train
+from twinv2.models import MODEL_NAMES
+
+
+def test_every_model_learns_the_planted_signal(planted_ro, small_params, tmp_path):
+    p = small_params
+    p["train"]["epochs"] = 2
+    p["evaluate"].update(plots=False)
+    aucs = {}
+    for name in MODEL_NAMES:
+        out = tmp_path / name
+        rep = train.run(planted_ro, name, out, params=p)
+        m = evaluate.run(planted_ro, out, params=p)
+        aucs[name] = m["auc"]
+        print(name, round(m["auc"], 4), f"train {rep['total_wall_s']:.1f}s eval {m['wall_s']:.1f}s")
+        assert rep["epochs_run"] == 2
+    print(aucs)
+    weak = {k: v for k, v in aucs.items() if v < 0.65}
+    assert not weak, f"models below AUC 0.65 on the planted signal: {weak} (all: {aucs})"
+
+
+def test_outputs_and_metrics_contract(planted_ro, small_params, tmp_path):
+    out = tmp_path / "run"
+    rep = train.run(planted_ro, "twinv2", out, params=small_params)
+    for f in ("config.json", "vocab.npz", "model.pt", "item_embeddings.npz", "train_metrics.json"):
+        assert (out / f).exists(), f
+    sd = torch.load(out / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    z = np.load(out / "item_embeddings.npz")
+    assert z["item_id"].dtype == np.int64 and z["emb"].dtype == np.float32
+    assert z["emb"].shape == (len(z["item_id"]), small_params["model"]["embed_dim"]) and str(z["version"])
+    assert len(list((out / "checkpoints").glob("epoch-*.pt"))) == rep["epochs_run"]
+    assert rep["cluster_version"]
+    m = evaluate.run(planted_ro, out, params=small_params)
+    for key in ("model", "auc", "gauc", "logloss", "oracle_auc", "oracle_gap", "by_group", "diversity"):
+        assert key in m
+    assert m["oracle_auc"] == 1.0 and 0.5 < m["auc"] <= 1.0
+    assert sum(g["n_impressions"] for g in m["by_group"]) == m["n_test"]
+    assert m["diversity"]["retrieval"]["distinct_categories"] > 0
+    assert 0 < m["diversity"]["ranking"]["coverage"] <= 1
+    for png in ("roc.png", "auc_by_group.png", "calibration.png"):
+        assert (out / "plots" / png).stat().st_size > 1000
+    p = dict(small_params, train={**small_params["train"], "epochs": 1})
+    warm = train.run(planted_ro, "twinv2", tmp_path / "warm", params=p, warm_start=out)
+    assert warm["history"][0]["valid_gauc"] > rep["history"][0]["valid_gauc"] - 0.02   # starts from trained weights
+    cfg = __import__("json").loads((tmp_path / "warm" / "config.json").read_text())
+    assert cfg["warm_start"]["loaded"] == cfg["warm_start"]["of"]
+
+
+def test_resume_reaches_the_same_result(planted_ro, small_params, tmp_path):
+    p = small_params
+    p["train"]["epochs"] = 3
+    full = tmp_path / "full"
+    rep = train.run(planted_ro, "twin", full, params=p)
+    # crash after epoch 1: only its checkpoint survives
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    for f in ("model.pt", "item_embeddings.npz", "train_metrics.json", "checkpoints/epoch-0002.pt",
+              "checkpoints/epoch-0003.pt"):
+        (crashed / f).unlink()
+    rep2 = train.run(planted_ro, "twin", crashed, params=p, resume=True)
+    assert rep2["resumed_from_epoch"] == 1 and rep2["epochs_run"] == 3
+    a = torch.load(full / "model.pt", weights_only=True)
+    b = torch.load(crashed / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert rep2["history"] == rep["history"][:1] + rep2["history"][1:]
+    assert [h["valid_gauc"] for h in rep2["history"]] == [h["valid_gauc"] for h in rep["history"]]
+
+
+def test_errors_name_what_is_missing(tiny_validated_ro, small_params, tmp_path):
+    with pytest.raises(ValueError, match="not a model"):
+        train.run(tiny_validated_ro, "nope", tmp_path / "r", params=small_params)
+    with pytest.raises(FileNotFoundError, match="cluster"):        # no cluster version yet
+        train.run(tiny_validated_ro, "twinv2", tmp_path / "r", params=small_params)
+    with pytest.raises(FileNotFoundError, match="validate"):
+        train.run(tmp_path / "nowhere", "twin", tmp_path / "r", params=small_params)
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train.run(tiny_validated_ro, "twin", tmp_path / "fresh", params=small_params, resume=True)
+
+
+@pytest.mark.xfail(strict=False, reason="not yet shown: with the current models TWIN-V2 and TWIN reach the same "
+                   "AUC on this fast planted world (see docs/results.md); kept as a real check that reports XPASS "
+                   "once TWIN-V2 wins")
+def test_twinv2_beats_twin_when_dormant_interests_matter(dormant_ro, small_params, tmp_path):
+    p = small_params
+    p["train"]["epochs"] = 3
+    res = {}
+    for name in ("twin", "twinv2"):
+        train.run(dormant_ro, name, tmp_path / name, params=p)
+        res[name] = evaluate.run(dormant_ro, tmp_path / name, params=p)
+    print({k: (v["auc"], v["gauc"]) for k, v in res.items()})
+    assert res["twinv2"]["auc"] > res["twin"]["auc"] + 0.03
+    assert res["twinv2"]["gauc"] > res["twin"]["gauc"]

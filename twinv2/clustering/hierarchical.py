@@ -1,0 +1,112 @@
+"""The fast recursive adaptive k-means (TWIN-V2, step 2), level by level instead of node by node.
+
+The queue of the paper becomes a frontier of nodes. Points are kept in one permutation `perm`; every node
+is a contiguous run perm[start:start+size]. At each level, nodes of at most gamma points become clusters;
+all the others are split together by `kmeans_level` (one batched k-means for the whole level), and each
+node's run is reordered by part label so that its children are contiguous runs again.
+
+    cluster_sets(X, root, gamma, exponent, iters, keys)   any root sets (e.g. (user, group) pairs)
+    cluster_behaviours(X, user, group, params)            per user and completion group
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from twinv2.clustering.kmeans import (child_keys, fallback_labels, is_degenerate, kmeans_level, n_parts,
+                                      root_keys)
+
+
+def cluster_sets(X: np.ndarray, root: np.ndarray, gamma: int, exponent: float, iters: int,
+                 root_key: np.ndarray) -> np.ndarray:
+    """Split every root set recursively until all parts have <= gamma points.
+
+    X: (n, d) float32; root: (n,) int64 root-set id of each point; root_key: (R,) uint64 random key of
+    root sets 0..R-1 (ids index it). Returns leaf (n,) int64: a cluster index, numbered 0.. in the order
+    (root, tree order), so each root's clusters are a contiguous id range."""
+    n = len(X)
+    if gamma < 1:
+        raise ValueError(f"params cluster.gamma must be >= 1, got {gamma}")
+    leaf = np.full(n, -1, np.int64)
+    if n == 0:
+        return leaf
+    perm = np.argsort(root, kind="stable")                                    # points by root, in input order
+    r_sorted = root[perm]
+    bounds = np.flatnonzero(np.diff(r_sorted)) + 1
+    start = np.concatenate([[0], bounds]).astype(np.int64)
+    size = np.diff(np.concatenate([start, [n]])).astype(np.int64)
+    key = np.asarray(root_key, np.uint64)[r_sorted[start]]
+    done_start, done_size = [], []
+    while len(start):
+        small = size <= gamma
+        done_start.append(start[small])
+        done_size.append(size[small])
+        start, size, key = start[~small], size[~small], key[~small]
+        if not len(start):
+            break
+        start, size, key = _split_level(X, perm, start, size, key, gamma, exponent, iters)
+    ds = np.concatenate(done_start)
+    dz = np.concatenate(done_size)
+    order = np.argsort(ds)
+    ds, dz = ds[order], dz[order]
+    leaf[perm] = np.repeat(np.arange(len(ds)), dz)
+    return leaf
+
+
+def _split_level(X, perm, start, size, key, gamma, exponent, iters):
+    """Split all nodes of one level; reorders perm in place. Returns the children (start, size, key)."""
+    k = n_parts(size, exponent)
+    pos = _ranges(start, size)                                               # (T,) positions in perm
+    lab = kmeans_level(X[perm[pos]], size, k, key, iters)                    # (T,)
+    node = np.repeat(np.arange(len(start)), size)
+    # degenerate splits -> principal-axis fallback
+    kmax = int(k.max())
+    counts = np.bincount(node * kmax + lab, minlength=len(start) * kmax).reshape(len(start), kmax)
+    bad = [a for a in range(len(start)) if is_degenerate(counts[a, :k[a]], int(size[a]), gamma)]
+    for a in bad:
+        lo = int(np.searchsorted(node, a))
+        rows = slice(lo, lo + int(size[a]))
+        lab[rows] = fallback_labels(X[perm[pos[rows]]], int(k[a]))
+        counts[a] = np.bincount(lab[rows], minlength=kmax)
+    # children become contiguous: stable sort of each node's run by label
+    order = np.argsort(node * kmax + lab, kind="stable")                     # = lexsort((pos, lab, node))
+    perm[pos] = perm[pos[order]]
+    a_idx, c_idx = np.nonzero(counts)                                         # row-major: node, then label
+    c_size = counts[a_idx, c_idx]
+    first = np.concatenate([[0], np.cumsum(c_size)[:-1]])
+    node_first = np.concatenate([[0], np.cumsum(size)[:-1]])
+    c_start = start[a_idx] + (first - node_first[a_idx])
+    return c_start, c_size, child_keys(key[a_idx], c_idx.astype(np.uint64))
+
+
+def _ranges(start: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start[a], start[a] + size[a])."""
+    total = int(size.sum())
+    base = np.repeat(start - np.concatenate([[0], np.cumsum(size)[:-1]]), size)
+    return base + np.arange(total)
+
+
+def cluster_behaviours(X: np.ndarray, user: np.ndarray, group: np.ndarray, gamma: int, exponent: float,
+                       iters: int, seed: int) -> np.ndarray:
+    """(n,) int32 cluster id of each behaviour, unique per user (0..c_u-1), never mixing groups.
+
+    X: (n, d) float32 embeddings; user: (n,) int64 user ids; group: (n,) int8 completion groups."""
+    user = np.asarray(user, np.int64)
+    group = np.asarray(group, np.int64)
+    pairs, root = np.unique(np.stack([user, group], 1), axis=0, return_inverse=True)
+    root = root.reshape(-1)
+    leaf = cluster_sets(X, root, gamma, exponent, iters, root_keys(seed, pairs[:, 0], pairs[:, 1]))
+    return per_user_ids(user, leaf)
+
+
+def per_user_ids(user: np.ndarray, leaf: np.ndarray) -> np.ndarray:
+    """Renumber global leaf ids to 0.. within each user (in leaf order)."""
+    if len(leaf) == 0:
+        return np.zeros(0, np.int32)
+    ids, inv = np.unique(leaf, return_inverse=True)
+    first_row = np.zeros(len(ids), np.int64)
+    first_row[inv[::-1]] = np.arange(len(leaf))[::-1]
+    leaf_user = user[first_row]
+    # leaves of one user are a contiguous id range (roots sorted by (user, group))
+    user_first = np.unique(leaf_user, return_index=True)[1]
+    local = np.arange(len(ids)) - np.repeat(user_first, np.diff(np.append(user_first, len(ids))))
+    return local[inv].astype(np.int32)

@@ -1,0 +1,173 @@
+"""Incremental clustering: bring a cluster version from watermark W_old to W_new.
+
+Per user of a chunk (behaviours with ts < W_new, sorted by ts; the old ones are the prefix ts < W_old):
+  - rebuilt from scratch (same procedure as a full run) when the user is new, when the embedding version
+    changed (rebuild_all), when the stored members no longer match the behaviours (data changed), or when
+    the drift measure passes the threshold: drift = m / (n_old + m), the share of the user's history
+    that is new since W_old (m new behaviours on n_old old ones; cluster.drift_threshold, default 0.25);
+  - otherwise updated: each new behaviour joins the nearest centroid of its completion group (a group
+    without any cluster yet gets its new behaviours clustered from scratch), and every touched cluster
+    is updated exactly with running means:
+        c' = (n c + m xbar) / (n + m),   f' = (n f + sum f_new) / (n + m)   for every numeric feature,
+        sse' = sse + n ||c - c'||^2 + sum ||x_new - c'||^2                  (parallel-axis theorem),
+    its representative (item_id, author_id, category) is re-chosen as the member nearest c' (a new member
+    takes over when it is nearer), and a cluster grown past gamma is re-split with the same recursive
+    procedure as a full run.
+The output satisfies the invariants of a full run: every behaviour before W_new in exactly one cluster,
+sizes <= gamma, one group per cluster, means equal to the members' means.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from twinv2.clustering.chunk import Catalogue, numeric_of, vitems
+from twinv2.clustering.embeddings import ItemEmbedding
+from twinv2.clustering.hierarchical import cluster_behaviours, cluster_sets
+from twinv2.clustering.kmeans import root_keys
+
+_RESPLIT_SALT = 0x5EED
+_ID_SPAN = np.int64(1) << np.int64(31)                                    # user * span + cluster id: one sort key
+
+
+def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Catalogue, P: dict,
+                 cross: list[str], W_old: int, rebuild_all: bool = False) -> tuple[dict, np.ndarray, dict]:
+    """beh: behaviours of complete users (ts < W_new), sorted by (user, ts); old: the users' cluster
+    columns in the base version; old_m: their members (user_id, ts, item_id, cluster_id), same order.
+    Returns (cluster columns, cluster id per behaviour, counts)."""
+    gamma, thr = int(P["gamma"]), float(P["drift_threshold"])
+    num_keys = list(numeric_of(beh, cross))
+    user, ts = beh["user_id"], beh["ts"]
+    # members by user (stable: a user's rows keep their ts order); parts of a sharded base interleave users
+    m_order = np.argsort(np.asarray(old_m["user_id"]), kind="stable")
+    old_m = {k: np.asarray(v)[m_order] for k, v in old_m.items()}
+    n = len(user)
+    cid = np.full(n, -1, np.int64)
+    uu, ustart = np.unique(user, return_index=True)
+    uend = np.append(ustart[1:], n)
+    # old clusters / members by user (both sorted by user)
+    ocl_order = np.lexsort((old["cluster_id"], old["user_id"])) if len(old["user_id"]) else np.zeros(0, np.int64)
+    old = {k: v[ocl_order] for k, v in old.items()}
+    keep_old = np.zeros(len(old["user_id"]), bool)                       # old cluster rows carried over
+    new_parts: list[dict] = []                                            # re-split / orphan / rebuilt clusters
+    rebuild_rows, split_rows, split_root, split_user, split_tag = [], [], [], [], []
+    next_id: dict[int, int] = {}
+    upd_new: list[np.ndarray] = []                                        # new rows of updated users
+    stats = {"users_updated": 0, "users_rebuilt": 0, "users_new": 0, "new_behaviors": 0, "clusters_resplit": 0}
+
+    for u, lo, hi in zip(uu, ustart, uend):
+        n_old = int(np.searchsorted(ts[lo:hi], W_old, side="left"))
+        m = int(hi - lo - n_old)
+        stats["new_behaviors"] += m
+        mlo, mhi = np.searchsorted(old_m["user_id"], [u, u + 1]) if len(old_m["user_id"]) else (0, 0)
+        clo, chi = np.searchsorted(old["user_id"], [u, u + 1]) if len(old["user_id"]) else (0, 0)
+        matches = (mhi - mlo == n_old and np.array_equal(old_m["ts"][mlo:mhi], ts[lo:lo + n_old])
+                   and np.array_equal(old_m["item_id"][mlo:mhi], beh["item_id"][lo:lo + n_old]))
+        if mhi == mlo or not matches or rebuild_all or (m / (n_old + m) > thr):
+            stats["users_new" if mhi == mlo else "users_rebuilt"] += 1
+            rebuild_rows.append(np.arange(lo, hi))
+            continue
+        cid[lo:lo + n_old] = old_m["cluster_id"][mlo:mhi]
+        keep_old[clo:chi] = True
+        next_id[int(u)] = int(old["cluster_id"][clo:chi].max()) + 1 if chi > clo else 0
+        if m == 0:
+            continue
+        stats["users_updated"] += 1
+        rows_new = np.arange(lo + n_old, hi)
+        X_new = emb.lookup(beh["item_id"][rows_new]).astype(np.float64)              # (m, d)
+        g_new = beh["group"][rows_new]
+        c_rows = np.arange(clo, chi)
+        for g in np.unique(g_new):
+            sel = g_new == g
+            cand = c_rows[old["group"][c_rows] == g]
+            if not len(cand):                                                # a new group for this user
+                split_rows.append(rows_new[sel])
+                split_tag.append(("orphan", int(u), int(g)))
+                continue
+            Cg = old["centroid"][cand].astype(np.float64)                           # (c, d)
+            d2 = (Cg ** 2).sum(1)[None, :] - 2 * X_new[sel] @ Cg.T                  # (m_g, c)
+            cid[rows_new[sel]] = old["cluster_id"][cand][d2.argmin(1)]
+        upd_new.append(rows_new)
+
+    # exact running updates of the touched clusters, all users at once
+    if upd_new:
+        rows_new = np.concatenate(upd_new)
+        rows_new = rows_new[cid[rows_new] >= 0]                                    # orphans come later
+        okey = old["user_id"] * _ID_SPAN + old["cluster_id"]                       # sorted (old is)
+        r_of = np.searchsorted(okey, user[rows_new] * _ID_SPAN + cid[rows_new])    # (m,) old table row
+        R, inv = np.unique(r_of, return_inverse=True)
+        mm = np.bincount(inv).astype(np.float64)                                   # (T,)
+        nn = old["size"][R].astype(np.float64)
+        X_new = emb.lookup(beh["item_id"][rows_new]).astype(np.float64)            # (m, d)
+        sx = np.zeros((len(R), X_new.shape[1]))
+        np.add.at(sx, inv, X_new)
+        c_old = old["centroid"][R].astype(np.float64)
+        c_new = (nn[:, None] * c_old + sx) / (nn + mm)[:, None]
+        d_new = np.bincount(inv, ((X_new - c_new[inv]) ** 2).sum(1), minlength=len(R))
+        old["sse"][R] = old["sse"][R] + nn * ((c_old - c_new) ** 2).sum(1) + d_new
+        for k in num_keys:
+            old[k][R] = (nn * old[k][R] + np.bincount(inv, np.asarray(beh[k][rows_new], np.float64),
+                                                      minlength=len(R))) / (nn + mm)
+        old["size"][R] = (nn + mm).astype(old["size"].dtype)
+        old["centroid"][R] = c_new.astype(np.float32)
+        # every member of a touched cluster: its old table row
+        cand = np.flatnonzero(np.isin(user, user[rows_new]) & (cid >= 0))
+        r_all = np.searchsorted(okey, user[cand] * _ID_SPAN + cid[cand])
+        big = (nn + mm) > gamma
+        for r in R[big]:                                                           # grown past gamma
+            keep_old[r] = False
+            split_rows.append(cand[r_all == r])
+            split_tag.append(("resplit", int(old["user_id"][r]), int(old["cluster_id"][r])))
+        stats["clusters_resplit"] += int(big.sum())
+        # representative: the member nearest the updated centroid (ties: earliest)
+        small = R[~big]
+        sel = np.isin(r_all, small)
+        mem, r_mem = cand[sel], r_all[sel]
+        if len(mem):
+            pos = np.searchsorted(R, r_mem)
+            Xm = emb.lookup(beh["item_id"][mem]).astype(np.float64)
+            dist = ((Xm - c_new[pos]) ** 2).sum(1)
+            order = np.lexsort((mem, dist, r_mem))
+            first = np.flatnonzero(np.r_[True, r_mem[order][1:] != r_mem[order][:-1]])
+            best, r_best = mem[order][first], r_mem[order][first]
+            old["item_id"][r_best] = beh["item_id"][best]
+            a, c = cat.lookup(beh["item_id"][best])
+            old["author_id"][r_best], old["category"][r_best] = a, c
+
+    # re-splits and new groups: one batched recursive clustering over all of them
+    if split_rows:
+        rows = np.concatenate(split_rows)
+        root = np.repeat(np.arange(len(split_rows)), [len(r) for r in split_rows])
+        X = emb.lookup(beh["item_id"][rows])
+        keys = root_keys(int(P["seed"]) ^ _RESPLIT_SALT, np.array([t[1] for t in split_tag]),
+                         np.array([t[2] + (0 if t[0] == "resplit" else 1 << 40) for t in split_tag]))
+        leaf = cluster_sets(X, root, gamma, float(P["exponent"]), int(P["kmeans_iters"]), keys)
+        # fresh ids per user, after the user's existing ones, in leaf order
+        for lf in np.unique(leaf):
+            rr = rows[leaf == lf]
+            u = int(user[rr[0]])
+            cid[rr] = next_id[u]
+            next_id[u] += 1
+        new_parts.append(_vitems_rows(beh, cid, emb, cat, cross, rows))
+    if rebuild_rows:
+        rows = np.concatenate(rebuild_rows)
+        X = emb.lookup(beh["item_id"][rows])
+        sub = {k: v[rows] for k, v in beh.items()}
+        c_sub = cluster_behaviours(X, sub["user_id"], sub["group"], gamma, float(P["exponent"]),
+                                   int(P["kmeans_iters"]), int(P["seed"]))
+        cid[rows] = c_sub
+        new_parts.append(vitems(sub, c_sub, X, cat, cross))
+    kept = {k: v[keep_old] for k, v in old.items()}
+    parts = [p for p in [kept, *new_parts] if len(p["user_id"])] or [kept]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.lexsort((out["cluster_id"], out["user_id"]))
+    out = {k: v[order] for k, v in out.items()}
+    out["size"] = out["size"].astype(np.int32)
+    out["cluster_id"] = out["cluster_id"].astype(np.int32)
+    assert (cid >= 0).all(), "every behaviour before W_new must be in a cluster"
+    return out, cid.astype(np.int32), stats
+
+
+def _vitems_rows(beh, cid, emb, cat, cross, rows):
+    X = emb.lookup(beh["item_id"][rows])
+    sub = {k: v[rows] for k, v in beh.items()}
+    return vitems(sub, cid[rows].astype(np.int32), X, cat, cross)

@@ -1,0 +1,218 @@
+"""Batched k-means: every node of one tree level in one go, plus the split rules shared with the reference.
+
+A level holds A nodes (sets of points, each a contiguous run of a point array). Nodes are bucketed by
+padded size S (5 sizes per octave, so padding wastes < 25%), and each bucket runs k-means++ and Lloyd
+iterations as batched tensor ops: X (B, S, d), centroids (B, K, d), distances (B, S, K).
+
+Randomness is counter based: the uniforms of node `key` are hashes of (key, step), so a node's split does
+not depend on which other nodes (or users, or shards) share its batch. Lloyd stops when every node of the
+bucket is at a fixed point (a converged node no longer changes), or after `iters` iterations.
+
+Split rules (also used by reference.py):
+  n_parts(|V|) = max(2, floor(|V| ** exponent))
+  a split is degenerate when fewer than 2 parts are non-empty, or its largest part holds more than
+  max(gamma, max_share * |V|) points; a degenerate node is split instead by `fallback_labels`: sort its
+  points by their projection on the principal axis (ties: original order) and cut k equal chunks.
+  Every split therefore makes strictly smaller parts, and the recursion terminates.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from twinv2.data.store import stable_hash
+
+TOL = 1e-4                  # k-means tolerance, as scikit-learn's KMeans(tol=1e-4)
+MAX_SHARE = 0.9             # a part above this share of its node (and above gamma) is a "giant part"
+_TRIALS = 16               # uniforms reserved per seeding step (greedy k-means++ uses 2 + ln k of them)
+_ELEMS = 1 << 23            # max B*S*K distance entries per batched op (32 MiB float32)
+
+
+# ---------------------------------------------------------------- split rules
+
+
+def n_parts(size, exponent: float) -> np.ndarray:
+    """max(2, floor(size ** exponent)), elementwise."""
+    s = np.asarray(size, dtype=np.float64)
+    return np.maximum(2, np.floor(s ** exponent + 1e-9)).astype(np.int64)
+
+
+def is_degenerate(counts: np.ndarray, size: int, gamma: int) -> bool:
+    """counts: (k,) part sizes of one split of a node of `size` points."""
+    nonempty = int((counts > 0).sum())
+    return nonempty < 2 or int(counts.max()) > max(gamma, MAX_SHARE * size)
+
+
+def fallback_labels(X: np.ndarray, k: int) -> np.ndarray:
+    """(n,) labels 0..k-1: k equal chunks along the principal axis (stable on ties, e.g. identical rows)."""
+    n = len(X)
+    Xc = X.astype(np.float64) - X.mean(0, dtype=np.float64)
+    cov = Xc.T @ Xc                                                          # (d, d)
+    axis = np.ones(X.shape[1]) / np.sqrt(X.shape[1])
+    for _ in range(30):                                                      # power iteration
+        v = cov @ axis
+        norm = np.linalg.norm(v)
+        if norm <= 1e-12:
+            break
+        axis = v / norm
+    proj = Xc @ axis if norm > 1e-12 else np.zeros(n)
+    rank = np.empty(n, np.int64)
+    rank[np.argsort(proj, kind="stable")] = np.arange(n)
+    return (rank * k // n).astype(np.int64)
+
+
+# ---------------------------------------------------------------- counter-based randomness
+
+
+def child_keys(parent: np.ndarray, child_index: np.ndarray) -> np.ndarray:
+    """uint64 key of child `child_index` of each parent key."""
+    p = np.asarray(parent, np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = stable_hash(p.view(np.int64)) ^ (np.asarray(child_index, np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return stable_hash(mixed.view(np.int64))
+
+
+def root_keys(seed: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Key of a root set (a, b), e.g. (user_id, group), for one seed."""
+    k = stable_hash(np.full(len(a), seed, np.int64))
+    k = child_keys(k, np.asarray(a, np.int64).view(np.uint64))
+    return child_keys(k, np.asarray(b, np.int64).view(np.uint64))
+
+
+def uniforms(keys: np.ndarray, n: int) -> np.ndarray:
+    """(A, n) float64 in [0, 1): the n random numbers of each node key."""
+    h = child_keys(np.repeat(np.asarray(keys, np.uint64), n), np.tile(np.arange(n, dtype=np.uint64), len(keys)))
+    return ((h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))).reshape(len(keys), n)
+
+
+# ---------------------------------------------------------------- batched k-means
+
+
+def padded_size(size: np.ndarray) -> np.ndarray:
+    """Bucket size >= size: 64 for small nodes, then multiples of 2^(floor(log2 size) - 1) below 4096
+    (3 sizes per octave) and of 2^(floor(log2 size) - 2) above (5 per octave, padding waste < 25%).
+    Fewer buckets = fewer batched calls; finer buckets = less padding where nodes are big."""
+    s = np.maximum(np.asarray(size, np.int64), 1)
+    e = np.floor(np.log2(s)).astype(np.int64)
+    g = np.left_shift(1, np.maximum(e - np.where(s < 4096, 1, 2), 0))
+    return np.maximum((s + g - 1) // g * g, 64)
+
+
+def _merge_buckets(S: np.ndarray, sizes: np.ndarray, min_elems: int = 1 << 12) -> np.ndarray:
+    """Merge small buckets upwards while the padded total stays under max(1.5 x real points, min_elems):
+    each bucket costs a fixed number of batched calls, which dominates for small levels."""
+    out = S.copy()
+    vals = np.unique(S)
+    group: list[int] = []
+    for v in vals:
+        members = np.isin(S, [*group, v])
+        if group and members.sum() * v > max(1.5 * sizes[members].sum(), min_elems):
+            group = []
+        group.append(int(v))
+        out[np.isin(S, group)] = v
+    return out
+
+
+def kmeans_level(X: np.ndarray, sizes: np.ndarray, k: np.ndarray, keys: np.ndarray, iters: int) -> np.ndarray:
+    """k-means of A nodes at once.
+
+    X: (N, d) float32 points, node after node (node a is rows offsets[a]:offsets[a]+sizes[a]);
+    sizes, k, keys: (A,). Returns labels (N,) int64 in [0, k[node])."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    labels = np.empty(len(X), np.int64)
+    S_all = _merge_buckets(padded_size(sizes), sizes)
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    for S in np.unique(S_all):
+        nodes = np.nonzero(S_all == S)[0]
+        K = int(k[nodes].max())
+        per = max(1, _ELEMS // (int(S) * max(K, 8)))
+        for lo in range(0, len(nodes), per):
+            nb = nodes[lo:lo + per]
+            lab = _kmeans_bucket(Xt, offsets[nb], sizes[nb], k[nb], keys[nb], int(S), iters)
+            valid = np.arange(S)[None, :] < sizes[nb][:, None]
+            labels[(offsets[nb][:, None] + np.arange(S)[None, :])[valid]] = lab[valid]
+    return labels
+
+
+def _sqdist(xx: torch.Tensor, X: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """(B, m, S) squared distances of the m points P (B, m, d) to the S points X (B, S, d); xx = |X|^2."""
+    pp = (P * P).sum(-1)                                                     # (B, m)
+    return torch.baddbmm(pp[:, :, None] + xx[:, None, :], P, X.transpose(1, 2), alpha=-2).clamp_(min=0)
+
+
+def _kmeans_bucket(Xt: torch.Tensor, off: np.ndarray, size: np.ndarray, k: np.ndarray, keys: np.ndarray,
+                   S: int, iters: int) -> np.ndarray:
+    B, K, d = len(off), int(k.max()), Xt.shape[1]
+    ar = np.arange(S)
+    valid_np = ar[None, :] < size[:, None]                                   # (B, S)
+    idx = torch.from_numpy(np.where(valid_np, off[:, None] + ar[None, :], 0))
+    valid = torch.from_numpy(valid_np)
+    X = Xt[idx] * valid[..., None]                                           # (B, S, d), pads = 0
+    kmask = torch.from_numpy(np.arange(K)[None, :] < k[:, None])             # (B, K)
+    size_t = torch.from_numpy(size)
+    b = torch.arange(B)
+
+    # greedy k-means++ seeding (as scikit-learn: 2 + ln k candidates per step, keep the best), batched
+    # (a node's trials and uniforms depend on its own k only, never on the bucket it shares)
+    L_node = torch.from_numpy(2 + np.log(np.maximum(k, 1)).astype(np.int64))  # (B,)
+    L = int(L_node.max())
+    u = torch.from_numpy(uniforms(keys, K * _TRIALS)).view(B, K, _TRIALS)[:, :, :L]   # (B, K, L)
+    trial_off = torch.where(torch.arange(L)[None, :] < L_node[:, None], 0.0, float("inf"))  # (B, L)
+    C = torch.zeros(B, K, d)
+    first = torch.clamp((u[:, 0, 0] * size_t).long(), max=S - 1)
+    C[:, 0] = X[b, first]
+    xx = (X * X).sum(-1)                                                     # (B, S)
+    d2 = _sqdist(xx, X, C[:, :1])[:, 0] * valid                              # (B, S)
+    for t in range(1, K):
+        cdf = torch.cumsum(d2.double(), 1)                                   # (B, S)
+        tot = cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u[:, t] * tot, right=True)            # (B, L)
+        pick = torch.where(tot > 0, pick, (u[:, t] * size_t[:, None]).long())
+        pick = torch.minimum(pick, (size_t - 1)[:, None])
+        cand = X[b[:, None], pick]                                           # (B, L, d)
+        dc = _sqdist(xx, X, cand)                                            # (B, L, S)
+        newd = torch.minimum(d2[:, None, :], dc * valid[:, None, :])         # (B, L, S)
+        best = (newd.sum(-1) + trial_off).argmin(-1)                         # (B,)
+        C[:, t] = cand[b, best]
+        d2 = newd[b, best]
+
+    # Lloyd iterations; argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), padded centroids at +inf.
+    # Nodes at a fixed point leave the batch (their labels can no longer change).
+    out = np.zeros((B, S), np.int64)
+    live = np.arange(B)                                                      # batch rows still iterating
+    off_k = torch.where(kmask, 0.0, float("inf"))                            # (B, K)
+    ar_b = torch.arange(B)
+    # scikit-learn's stopping rule: centre shift^2 summed <= TOL * mean per-dimension variance of the node
+    cnt_pts = size_t.to(X.dtype)[:, None]
+    mean = X.sum(1) / cnt_pts                                                # (B, d)
+    var = (xx.sum(1, keepdim=True) / cnt_pts - (mean * mean).sum(1, keepdim=True)) / d
+    tol = TOL * var[:, 0].clamp(min=0)                                       # (B,)
+    settled = torch.zeros(B, dtype=torch.bool)                               # shift below tol: one last E-step
+    prev = None
+    for it in range(iters + 1):
+        Bl = len(live)
+        cc = ((C ** 2).sum(-1) + off_k)[:, None, :]                          # (Bl, 1, K)
+        lab = torch.baddbmm(cc, X, C.transpose(1, 2), alpha=-2).argmin(-1)   # (Bl, S)
+        if it == iters:
+            out[live] = lab.numpy()
+            break
+        if prev is not None:
+            conv = ((lab == prev) | ~valid).all(1) | settled                 # (Bl,)
+            n_conv = int(conv.sum())
+            if n_conv == Bl:
+                out[live] = lab.numpy()
+                break
+            if n_conv * 4 >= Bl:                                             # compact the batch
+                out[live[conv.numpy()]] = lab[conv].numpy()
+                keep = ~conv
+                live, X, C, valid, off_k, lab = live[keep.numpy()], X[keep], C[keep], valid[keep], off_k[keep], lab[keep]
+                tol = tol[keep]
+                Bl = len(live)
+        prev = lab
+        tgt = torch.where(valid, lab + ar_b[:Bl, None] * K, Bl * K).reshape(-1)   # pads -> a dummy row
+        sums = torch.zeros(Bl * K + 1, d).index_add_(0, tgt, X.reshape(-1, d))[:-1].view(Bl, K, d)
+        cnt = torch.bincount(tgt, minlength=Bl * K + 1)[:-1].view(Bl, K).to(X.dtype)
+        C_new = torch.where(cnt[..., None] > 0, sums / cnt.clamp(min=1)[..., None], C)
+        settled = ((C_new - C) ** 2).sum((1, 2)) <= tol
+        C = C_new
+    return out

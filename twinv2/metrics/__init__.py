@@ -1,0 +1,1 @@
+"""Offline metrics: AUC, GAUC, logloss, user groups, diversity."""

@@ -1,0 +1,130 @@
+"""TWIN's consistency-preserving target attention (Chang et al., KDD 2023), with TWIN-V2's ln(n) term.
+
+Per head h, for behaviour i of a sequence and the target q:
+
+    alpha_ih = (K_h,i W^h_h) . (q W^q_h) / sqrt(d_k)  +  sum_j (K_c,ij . w_j) beta_hj  [+ ln n_i]
+
+K_h,i is the item-inherent embedding (d_h), K_c,ij the embedding of cross feature j (c dims) and w_j its own
+compression vector (TWIN's block-diagonal W^c), beta (H, J) learned. ln n_i (cluster size) only when the
+sequence holds clusters (TWIN-V2): softmax then weighs a cluster exactly like n_i copies of its virtual item.
+
+GSU: rank the whole sequence by the head-mean of alpha (no gradient), keep the top k.
+ESU: multi-head target attention on those k, softmax_i(alpha_ih) (K_i W^v_h), heads concatenated.
+Both stages are this one module, so they share every parameter.
+
+Cache: W^h, W^v are linear and K_h is a concatenation of per-feature embeddings, so
+K_h W^h = sum_f E_f[id_f] W^h_f. `build_cache` precomputes E_f W^h_f (and the value and cross parts) for every
+id of every feature once; scoring then only gathers and adds rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from twinv2.models.layers import Features, masked_softmax
+
+
+class TwinAttention(nn.Module):
+    def __init__(self, d_h: int, n_cross: int, cross_dim: int, n_heads: int, head_dim: int,
+                 use_log_n: bool = False):
+        super().__init__()
+        self.d_h, self.J, self.c, self.H, self.dk = d_h, n_cross, cross_dim, n_heads, head_dim
+        self.use_log_n = use_log_n
+        self.w_h = nn.Linear(d_h, n_heads * head_dim, bias=False)                     # W^h
+        self.w_q = nn.Linear(d_h, n_heads * head_dim, bias=False)                     # W^q
+        self.w_c = nn.Parameter(torch.randn(n_cross, cross_dim) / math.sqrt(cross_dim))  # W^c (block-diag)
+        self.beta = nn.Parameter(0.1 * torch.randn(n_heads, n_cross))                  # beta per head
+        self.w_v = nn.Linear(d_h + n_cross * cross_dim, n_heads * head_dim, bias=False)  # W^v on [K_h, K_c]
+        self.out_dim = n_heads * head_dim
+        self._cache: dict | None = None
+
+    # ------------------------------------------------------------------ cache
+    @torch.no_grad()
+    def build_cache(self, features: Features) -> dict:
+        """Precompute the per-id projections of every feature table (call after training, in eval mode)."""
+        hd, off = self.out_dim, 0
+        cache = {"key": {}, "val": {}, "cross_s": [], "cross_v": []}
+        for name, emb in features.tables():
+            d = emb.embedding_dim
+            cache["key"][name] = emb.weight @ self.w_h.weight[:, off:off + d].T     # (n_f, H*dk)
+            cache["val"][name] = emb.weight @ self.w_v.weight[:, off:off + d].T     # (n_f, H*dk)
+            off += d
+        for j, emb in enumerate(features.cross):
+            cols = slice(self.d_h + j * self.c, self.d_h + (j + 1) * self.c)
+            cache["cross_s"].append(emb.weight @ self.w_c[j])                        # (n_j,)
+            cache["cross_v"].append(emb.weight @ self.w_v.weight[:, cols].T)         # (n_j, H*dk)
+        assert hd == self.w_v.weight.shape[0]
+        self._cache = cache
+        return cache
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    # ------------------------------------------------------------------ projections
+    def project(self, seq: dict, features: Features, values: bool = True):
+        """seq (B, L) index tensors -> keys K_h W^h (B, L, H, dk), cross scalars K_c W^c (B, L, J),
+        values K W^v (B, L, H, dk) or None. Uses the cache when one is built.
+        A sequence broadcast over the batch (stride 0: one user scored against many candidates) is
+        projected once and the result broadcast."""
+        B, L = seq["mask"].shape
+        if B > 1 and all(seq[k].stride(0) == 0 for k in ("item", "author", "category", "dur_bucket", "cross")):
+            one = {k: seq[k][:1] for k in ("item", "author", "category", "dur_bucket", "cross", "mask")}
+            kp, cs, v = self.project(one, features, values)
+            return (kp.expand(B, *kp.shape[1:]), cs.expand(B, *cs.shape[1:]),
+                    None if v is None else v.expand(B, *v.shape[1:]))
+        if self._cache is not None:
+            ch = self._cache
+            kp = sum(ch["key"][f][seq[f]] for f in ch["key"])
+            cs = torch.stack([t[seq["cross"][..., j]] for j, t in enumerate(ch["cross_s"])], dim=-1)
+            v = None
+            if values:
+                v = sum(ch["val"][f][seq[f]] for f in ch["val"])
+                v = v + sum(t[seq["cross"][..., j]] for j, t in enumerate(ch["cross_v"]))
+        else:
+            kh = features.inherent(seq)                                   # (B, L, d_h)
+            ce = features.cross_emb(seq)                                  # (B, L, J, c)
+            kp = self.w_h(kh)                                             # (B, L, H*dk)
+            cs = torch.einsum("bljc,jc->blj", ce, self.w_c.to(ce.dtype))  # (B, L, J)
+            v = self.w_v(torch.cat([kh, ce.flatten(-2)], dim=-1)) if values else None
+        kp = kp.view(B, L, self.H, self.dk)
+        if v is not None:
+            v = v.view(B, L, self.H, self.dk)
+        return kp, cs, v
+
+    def query(self, q_kh: torch.Tensor) -> torch.Tensor:
+        """Target K_h (B, d_h) -> q W^q (B, H, dk)."""
+        return self.w_q(q_kh).view(-1, self.H, self.dk)
+
+    def scores(self, qp, kp, cs, log_n) -> torch.Tensor:
+        """alpha' (B, L, H) in float32 (padding not masked here)."""
+        if kp.shape[0] > 1 and kp.stride(0) == 0:             # one sequence broadcast over candidates
+            a = torch.einsum("lhd,bhd->blh", kp[0], qp).float() / math.sqrt(self.dk)
+            a = a + torch.einsum("lj,hj->lh", cs[0].float(), self.beta.float()).unsqueeze(0)
+        else:
+            a = torch.einsum("blhd,bhd->blh", kp, qp).float() / math.sqrt(self.dk)
+            a = a + torch.einsum("blj,hj->blh", cs.float(), self.beta.float())
+        if self.use_log_n:
+            a = a + log_n.float().unsqueeze(-1)
+        return a
+
+    # ------------------------------------------------------------------ GSU / ESU
+    @torch.no_grad()
+    def gsu(self, q_kh: torch.Tensor, seq: dict, features: Features, k: int):
+        """Top-k positions by the head-mean of alpha' -> idx (B, k') int64, valid (B, k') bool, k' = min(k, L).
+        Padding scores -inf, so it is retrieved only when a row has fewer than k real behaviours."""
+        kp, cs, _ = self.project(seq, features, values=False)
+        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"]).mean(-1)       # (B, L)
+        a = a.masked_fill(~seq["mask"], float("-inf"))
+        k = min(k, a.shape[1])
+        idx = torch.topk(a, k, dim=1).indices                                  # (B, k)
+        return idx, torch.gather(seq["mask"], 1, idx)
+
+    def attend(self, q_kh: torch.Tensor, seq: dict, features: Features) -> torch.Tensor:
+        """ESU: multi-head target attention over the whole (already selected) sequence -> (B, H*dk)."""
+        kp, cs, v = self.project(seq, features)
+        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"])                # (B, L, H)
+        w = masked_softmax(a, seq["mask"].unsqueeze(-1), dim=1)                # (B, L, H)
+        out = torch.einsum("blh,blhd->bhd", w.to(v.dtype), v)                  # (B, H, dk)
+        return out.reshape(out.shape[0], self.out_dim)

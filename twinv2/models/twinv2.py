@@ -1,0 +1,15 @@
+"""TWIN-V2 (Si et al., CIKM 2024): TWIN's GSU/ESU over the user's clusters with alpha' = alpha + ln(n).
+
+long = the user's clusters as of the watermark (virtual items, log_n = ln cluster size), at most
+`twin_window` of them: the same GSU budget as TWIN on raw behaviours. ln(n) is ADDED: under softmax a
+cluster of n members then weighs exactly like its virtual item repeated n times.
+"""
+from __future__ import annotations
+
+from twinv2.models.twin import TWIN
+
+
+class TWINV2(TWIN):
+    name = "twinv2"
+    long_source = "clusters"
+    use_log_n = True

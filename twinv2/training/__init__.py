@@ -1,0 +1,1 @@
+"""Samples, training loop, checkpoints and DDP."""

@@ -1,0 +1,54 @@
+"""Checkpoints: one file per epoch, written atomically, loadable with torch.load(weights_only=True).
+
+A checkpoint holds everything `--resume` needs to continue to the same result as an uninterrupted run:
+model and optimizer state, the epoch reached, the early-stopping state (best GAUC, its epoch and
+weights, epochs without improvement), the per-epoch history, and the torch RNG state.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+from twinv2.io import atomic_path
+
+_NAME = re.compile(r"^epoch-(\d{4})\.pt$")
+
+
+def checkpoint_path(ckpt_dir: str | Path, epoch: int) -> Path:
+    return Path(ckpt_dir) / f"epoch-{epoch:04d}.pt"
+
+
+def save_checkpoint(ckpt_dir: str | Path, epoch: int, state: dict) -> Path:
+    path = checkpoint_path(ckpt_dir, epoch)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint of the highest epoch in ckpt_dir, or None."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: cannot read the checkpoint ({e}); expected a file written by `twinv2 train`") \
+            from None
+
+
+def state_hash(state_dict: dict) -> str:
+    """A short content hash of a state dict (for the item-embedding version)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]

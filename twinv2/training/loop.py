@@ -1,0 +1,175 @@
+"""The training loop: Adam/AdamW on binary cross-entropy, bf16 autocast on CUDA (fp32 on CPU), early
+stopping on validation GAUC, a checkpoint every epoch, and `resume` that continues to the same result.
+
+    fit(model, train_loader, valid_loader, cfg, ckpt_dir)  ->  {"best_epoch", "best_valid", "history", ...}
+
+The final weights are those of the best validation epoch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from twinv2.metrics.ctr import auc, gauc, logloss
+from twinv2.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from twinv2.training.ddp import DistInfo, barrier, unwrap
+from twinv2.training.samples import to_device
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"          # adam | adamw
+    epochs: int = 4
+    patience: int = 2                # epochs without a better validation GAUC before stopping
+    seed: int = 0
+    grad_clip: float = 0.0           # 0: off
+    log_every: int = 20              # steps between per-step metric callbacks
+    progress: bool = True
+
+    @classmethod
+    def from_params(cls, p: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (p or {}).items() if k in known})
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optimizer must be adam or adamw, got {cfg.optimizer!r}")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing (fp32) elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches, device: torch.device) -> dict[str, np.ndarray]:
+    """Scores of every sample of a loader: users, labels, logits and probabilities (in loader order)."""
+    m = unwrap(model)
+    was = m.training
+    m.eval()
+    out = {"user": [], "label": [], "logit": []}
+    for batch in batches:
+        b = to_device(batch, device)
+        with autocast(device):
+            logit = m(b).float()
+        out["user"].append(batch["user"].numpy())
+        out["label"].append(batch["label"].numpy())
+        out["logit"].append(logit.cpu().numpy())
+    m.train(was)
+    res = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in out.items()}
+    res["prob"] = 1.0 / (1.0 + np.exp(-res["logit"].astype(np.float64)))
+    return res
+
+
+def score(pred: dict[str, np.ndarray]) -> dict:
+    """AUC / GAUC / logloss of a prediction dict."""
+    g = gauc(pred["user"], pred["label"], pred["prob"])
+    return {"auc": auc(pred["label"], pred["prob"]), "gauc": g["gauc"],
+            "logloss": logloss(pred["label"], pred["prob"]) if len(pred["label"]) else None,
+            "gauc_users": g["n_users"], "n": int(len(pred["label"]))}
+
+
+def _better(value, best) -> bool:
+    if value is None:
+        return best is None
+    return best is None or value > best
+
+
+def fit(model: torch.nn.Module, train_loader, valid_loader, cfg: TrainConfig, ckpt_dir: str | Path,
+        dist_info: DistInfo | None = None, resume: bool = False,
+        on_step: Callable[[int, dict], None] | None = None,
+        on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Train `model` (already on its device; DDP-wrapped when distributed) and return the report.
+
+    train_loader.sampler must have set_epoch (samples.BatchOrder): the data order of an epoch depends
+    only on (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run saw."""
+    info = dist_info or DistInfo()
+    device = info.device
+    net = unwrap(model)
+    opt = make_optimizer(model, cfg)
+    state = {"epoch": 0, "best_valid": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "stopped": False,
+             "step": 0}
+    best_weights = copy.deepcopy(net.state_dict())
+    torch.manual_seed(cfg.seed)
+    if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
+        ck = load_checkpoint(last)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        best_weights = ck["best_model"]
+        state = {k: ck[k] for k in state}
+        torch.set_rng_state(ck["rng"])
+    resumed_from = state["epoch"]
+    t_start = time.perf_counter()
+    n_seen = 0
+    while state["epoch"] < cfg.epochs and not state["stopped"]:
+        epoch = state["epoch"] + 1
+        train_loader.sampler.set_epoch(epoch)
+        model.train()
+        t0, tot, cnt = time.perf_counter(), 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and info.is_main),
+                   leave=False, dynamic_ncols=True)
+        for batch in bar:
+            b = to_device(batch, device)
+            with autocast(device):
+                logit = model(b)
+            loss = F.binary_cross_entropy_with_logits(logit.float(), b["label"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            loss = loss.detach()
+            if getattr(net, "check_inputs", False):     # the batch contract holds for the first batch:
+                net.check_inputs = False                 # skip the per-batch index-range checks after it
+            state["step"] += 1
+            n = len(batch["label"]) * info.world
+            n_seen += n
+            tot += float(loss) * len(batch["label"])
+            cnt += len(batch["label"])
+            sps = cnt * info.world / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{float(loss):.4f}", sps=f"{sps:,.0f}")
+            if on_step and info.is_main and state["step"] % max(cfg.log_every, 1) == 0:
+                on_step(state["step"], {"train_loss": float(loss), "samples_per_s": sps})
+        if not math.isfinite(tot):
+            raise FloatingPointError(f"epoch {epoch}: the training loss is not finite; lower train.lr")
+        valid = score(predict(model, valid_loader, device))
+        rec = {"epoch": epoch, "train_loss": tot / max(cnt, 1), "samples_per_s": cnt * info.world /
+               max(time.perf_counter() - t0, 1e-9), "valid_auc": valid["auc"], "valid_gauc": valid["gauc"],
+               "valid_logloss": valid["logloss"]}
+        state["history"].append(rec)
+        if _better(valid["gauc"], state["best_valid"]):
+            state.update(best_valid=valid["gauc"], best_epoch=epoch, bad_epochs=0)
+            best_weights = copy.deepcopy(net.state_dict())
+        else:
+            state["bad_epochs"] += 1
+            state["stopped"] = state["bad_epochs"] >= cfg.patience
+        state["epoch"] = epoch
+        if info.is_main:
+            save_checkpoint(ckpt_dir, epoch, {"model": net.state_dict(), "optimizer": opt.state_dict(),
+                                              "best_model": best_weights, "rng": torch.get_rng_state(), **state})
+            if on_epoch:
+                on_epoch(epoch, rec)
+        barrier(info)
+    net.load_state_dict(best_weights)
+    wall = time.perf_counter() - t_start
+    return {"best_epoch": state["best_epoch"], "best_valid_gauc": state["best_valid"], "epochs_run": state["epoch"],
+            "early_stopped": state["stopped"], "history": state["history"], "steps": state["step"],
+            "resumed_from_epoch": resumed_from, "wall_s": wall,
+            "samples_per_s": n_seen / wall if wall > 0 and n_seen else None}

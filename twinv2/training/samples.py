@@ -1,0 +1,424 @@
+"""Samples: the batch dict of docs/architecture.md, built on the fly from the stored histories.
+
+A sample is one impression (user, item, ts, label). Its history is addressed, never copied: (user index,
+position) into the CSR behaviour store, position = number of the user's behaviours with ts strictly
+before the sample's ts (the leakage rule). A batch gathers, with one vectorised numpy index per field:
+
+    target  item/author/category/dur_bucket                            (B,)
+    long    the most recent L raw behaviours before ts (long_source "raw"), or the user's clusters as of
+            the watermark W (long_source "clusters", the L most recent by mean ts), left-aligned,
+            padded at the end                                            (B, L), cross (B, L, J)
+    short   the last S raw behaviours before ts                          (B, S), cross (B, S, J)
+
+Vocabularies are shifted by one (0 = padding); the last index of item/author/category is "unknown".
+Cross features, in order: completion-ratio bucket, play-time bucket, log2 time-gap-to-target bucket,
+then one bucket per extra numeric cross column (schema.OPTIONAL_BEHAVIOR_COLUMNS present in the data).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from twinv2.data.schema import OPTIONAL_BEHAVIOR_COLUMNS
+from twinv2.data.store import UserHistories
+
+DEFAULT_FEATURES = {
+    "dur_edges_s": [5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600],
+    "completion_edges": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0, 3.0],
+    "play_edges_s": [1, 2, 3, 5, 8, 12, 20, 30, 45, 60, 90, 120, 180, 300, 600],
+    "gap_log2_max": 30,          # time-gap bucket = floor(log2(1 + gap seconds)), clipped to [0, 30]
+    "extra_buckets": 10,         # equal-width buckets over each extra cross column's observed range
+}
+
+
+def _bucket(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Bucket ids shifted by one: 1 + number of edges <= value (0 stays free for padding)."""
+    return (np.digitize(np.asarray(values, dtype=np.float64), np.asarray(edges, dtype=np.float64)) + 1)
+
+
+# ---------------------------------------------------------------- vocabularies
+
+
+@dataclass
+class Vocab:
+    """Id -> index maps of the item-inherent features and the bucket edges of the cross features.
+
+    Item index i (1..N) is item_ids[i-1]; N+1 is "unknown item"; likewise for authors and categories."""
+
+    item_ids: np.ndarray            # (N,) int64 sorted
+    item_author: np.ndarray         # (N+2,) int64 author index per item index
+    item_category: np.ndarray       # (N+2,) int64
+    item_duration_ms: np.ndarray    # (N+2,) float64
+    author_ids: np.ndarray          # (A,) sorted
+    categories: np.ndarray          # (C,) sorted
+    extra_cols: list[str] = field(default_factory=list)
+    extra_edges: dict[str, np.ndarray] = field(default_factory=dict)
+    features: dict = field(default_factory=lambda: dict(DEFAULT_FEATURES))
+
+    @classmethod
+    def build(cls, items: pd.DataFrame, behaviors_extra: dict[str, np.ndarray] | None = None,
+              features: dict | None = None) -> "Vocab":
+        """From the items table (item_id, author_id, category, duration_ms) and the observed values of
+        each extra numeric cross column (for their bucket ranges)."""
+        feats = {**DEFAULT_FEATURES, **(features or {})}
+        missing = [c for c in ("item_id", "author_id", "category", "duration_ms") if c not in items.columns]
+        if missing:
+            raise ValueError(f"items table lacks columns {missing}; expected item_id, author_id, category, duration_ms")
+        items = items.drop_duplicates("item_id").sort_values("item_id", kind="stable")
+        item_ids = items["item_id"].to_numpy(np.int64)
+        author_ids = np.unique(items["author_id"].to_numpy(np.int64))
+        categories = np.unique(items["category"].to_numpy(np.int64))
+        n = len(item_ids)
+        a = np.full(n + 2, 0, np.int64)
+        c = np.full(n + 2, 0, np.int64)
+        d = np.zeros(n + 2, np.float64)
+        a[1:n + 1] = np.searchsorted(author_ids, items["author_id"].to_numpy(np.int64)) + 1
+        c[1:n + 1] = np.searchsorted(categories, items["category"].to_numpy(np.int64)) + 1
+        d[1:n + 1] = items["duration_ms"].to_numpy(np.float64)
+        a[n + 1], c[n + 1] = len(author_ids) + 1, len(categories) + 1
+        extra_cols, extra_edges = [], {}
+        for col, vals in sorted((behaviors_extra or {}).items()):
+            v = np.asarray(vals, dtype=np.float64)
+            v = v[np.isfinite(v)]
+            lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+            if hi <= lo:
+                hi = lo + 1.0
+            nb = int(feats["extra_buckets"])
+            extra_cols.append(col)
+            extra_edges[col] = np.linspace(lo, hi, nb + 1)[1:-1]
+        return cls(item_ids, a, c, d, author_ids, categories, extra_cols, extra_edges, feats)
+
+    # ---- sizes (the `vocab` argument of build_model)
+    def sizes(self) -> dict:
+        f = self.features
+        cross = [len(f["completion_edges"]) + 2, len(f["play_edges_s"]) + 2, int(f["gap_log2_max"]) + 2]
+        cross += [len(self.extra_edges[c]) + 2 for c in self.extra_cols]
+        return {"item": len(self.item_ids) + 2, "author": len(self.author_ids) + 2,
+                "category": len(self.categories) + 2, "dur_bucket": len(f["dur_edges_s"]) + 2,
+                "cross": cross}
+
+    # ---- lookups
+    def item_index(self, ids: np.ndarray) -> np.ndarray:
+        """Item index of raw item ids; unknown ids map to N+1."""
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(self.item_ids)
+        if n == 0:
+            return np.full(len(ids), 1, np.int64)
+        i = np.clip(np.searchsorted(self.item_ids, ids), 0, n - 1)
+        return np.where(self.item_ids[i] == ids, i + 1, n + 1).astype(np.int64)
+
+    def id_index(self, ids: np.ndarray, table: str) -> np.ndarray:
+        """Index of raw author ids / categories (copied onto virtual items); unknown -> last index."""
+        ref = self.author_ids if table == "author" else self.categories
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ref) == 0:
+            return np.full(len(ids), 1, np.int64)
+        i = np.clip(np.searchsorted(ref, ids), 0, len(ref) - 1)
+        return np.where(ref[i] == ids, i + 1, len(ref) + 1).astype(np.int64)
+
+    def dur_bucket(self, duration_ms: np.ndarray) -> np.ndarray:
+        return _bucket(np.asarray(duration_ms, np.float64) / 1000.0, self.features["dur_edges_s"])
+
+    def static_cross(self, play_ms: np.ndarray, duration_ms: np.ndarray,
+                     extras: dict[str, np.ndarray], completion: np.ndarray | None = None) -> np.ndarray:
+        """(N, J-1) buckets of the cross features that do not depend on the target: completion, play
+        time, extras (the time gap is inserted at batch time as column 2). `completion` defaults to
+        play/duration (virtual items pass their averaged completion)."""
+        play = np.asarray(play_ms, np.float64)
+        dur = np.maximum(np.asarray(duration_ms, np.float64), 1.0)
+        comp = play / dur if completion is None else np.asarray(completion, np.float64)
+        cols = [_bucket(comp, self.features["completion_edges"]),
+                _bucket(play / 1000.0, self.features["play_edges_s"])]
+        for c in self.extra_cols:
+            v = np.asarray(extras[c], np.float64) if c in extras else np.zeros(len(play))
+            cols.append(_bucket(np.nan_to_num(v, nan=self.extra_edges[c][0] - 1), self.extra_edges[c]))
+        return np.stack(cols, axis=1).astype(np.int32) if cols else np.zeros((len(play), 0), np.int32)
+
+    def gap_bucket(self, gap_ms: np.ndarray) -> np.ndarray:
+        g = np.maximum(np.asarray(gap_ms, np.float64), 0.0) / 1000.0
+        return np.clip(np.floor(np.log2(1.0 + g)), 0, self.features["gap_log2_max"]).astype(np.int64) + 1
+
+    # ---- persistence (a run directory keeps the exact vocabulary it was trained with)
+    def save(self, path: str | Path) -> None:
+        import json
+
+        from twinv2.io import atomic_path
+
+        arrays = {"item_ids": self.item_ids, "item_author": self.item_author, "item_category": self.item_category,
+                  "item_duration_ms": self.item_duration_ms, "author_ids": self.author_ids,
+                  "categories": self.categories,
+                  "meta": np.array(json.dumps({"extra_cols": self.extra_cols, "features": self.features}))}
+        for c in self.extra_cols:
+            arrays[f"edges_{c}"] = self.extra_edges[c]
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocab":
+        import json
+
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        extra_cols = list(meta["extra_cols"])
+        return cls(z["item_ids"], z["item_author"], z["item_category"], z["item_duration_ms"], z["author_ids"],
+                   z["categories"], extra_cols, {c: z[f"edges_{c}"] for c in extra_cols}, meta["features"])
+
+
+def extra_cross_columns(columns: Sequence[str]) -> list[str]:
+    """The extra numeric cross features of a behaviours table (in schema order)."""
+    return [c for c in OPTIONAL_BEHAVIOR_COLUMNS if c in columns]
+
+
+# ---------------------------------------------------------------- per-row feature stores (CSR by user)
+
+
+@dataclass
+class RowFeatures:
+    """Per-row features of a CSR store (raw behaviours or clusters), precomputed once.
+
+    Rows of user u are offsets[u]:offsets[u+1], in time order."""
+
+    user_ids: np.ndarray     # (U,) sorted
+    offsets: np.ndarray      # (U+1,)
+    item: np.ndarray         # (N,) int64 indices
+    author: np.ndarray
+    category: np.ndarray
+    dur_bucket: np.ndarray
+    cross: np.ndarray        # (N, J-1) int32: completion, play, extras (no gap)
+    ts: np.ndarray           # (N,) float64 ms (cluster ts is a mean)
+    log_n: np.ndarray        # (N,) float32
+
+    def index_of(self, user_ids: np.ndarray) -> np.ndarray:
+        u = np.asarray(user_ids, dtype=np.int64)
+        if len(self.user_ids) == 0:
+            return np.full(len(u), -1, np.int64)
+        i = np.clip(np.searchsorted(self.user_ids, u), 0, len(self.user_ids) - 1)
+        return np.where(self.user_ids[i] == u, i, -1)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def raw_features(hist: UserHistories, vocab: Vocab) -> RowFeatures:
+    """Row features of the raw behaviours (log_n = 0)."""
+    c = hist.cols
+    item = vocab.item_index(c["item_id"])
+    extras = {k: c[k] for k in vocab.extra_cols if k in c}
+    return RowFeatures(
+        user_ids=hist.user_ids, offsets=hist.offsets, item=item,
+        author=vocab.item_author[item], category=vocab.item_category[item],
+        dur_bucket=vocab.dur_bucket(c["duration_ms"]),
+        cross=vocab.static_cross(c["play_ms"], c["duration_ms"], extras),
+        ts=np.asarray(c["ts"], np.float64), log_n=np.zeros(len(item), np.float32))
+
+
+def cluster_features(clusters: pd.DataFrame, vocab: Vocab) -> RowFeatures:
+    """Row features of the virtual items of a cluster version: ids copied from the member nearest the
+    centroid, cross features from the averaged numeric fields, log_n = ln(size). Rows per user are
+    ordered by mean ts (oldest first), so the L most recent are the last L."""
+    need = ["user_id", "size", "item_id", "author_id", "category", "duration_ms", "play_ms", "ts"]
+    missing = [c for c in need if c not in clusters.columns]
+    if missing:
+        raise ValueError(f"cluster table lacks columns {missing}; expected the columns of "
+                         f"docs/architecture.md (clusters/part-*.parquet)")
+    df = clusters.sort_values(["user_id", "ts"], kind="stable")
+    uid = df["user_id"].to_numpy(np.int64)
+    users, starts = np.unique(uid, return_index=True)
+    size = df["size"].to_numpy(np.float64)
+    if len(size) and size.min() < 1:
+        bad = int(np.argmin(size))
+        raise ValueError(f"cluster table row {bad} (user {uid[bad]}): size {size[bad]} < 1; expected >= 1")
+    item = vocab.item_index(df["item_id"].to_numpy(np.int64))
+    extras = {k: df[k].to_numpy(np.float64) for k in vocab.extra_cols if k in df.columns}
+    return RowFeatures(
+        user_ids=users, offsets=np.append(starts, len(uid)).astype(np.int64), item=item,
+        author=vocab.id_index(df["author_id"].to_numpy(np.int64), "author"),
+        category=vocab.id_index(df["category"].to_numpy(np.int64), "category"),
+        dur_bucket=vocab.dur_bucket(df["duration_ms"].to_numpy(np.float64)),
+        cross=vocab.static_cross(df["play_ms"].to_numpy(np.float64), df["duration_ms"].to_numpy(np.float64), extras,
+                                 df["completion"].to_numpy(np.float64) if "completion" in df.columns else None),
+        ts=df["ts"].to_numpy(np.float64), log_n=np.log(size).astype(np.float32))
+
+
+# ---------------------------------------------------------------- samples
+
+
+@dataclass
+class Samples:
+    """Impressions addressed into the stores: (user index, position) plus the target and label."""
+
+    user: np.ndarray        # (M,) int64 raw user ids
+    uidx: np.ndarray        # (M,) index into the raw store (-1: no history)
+    pos: np.ndarray         # (M,) behaviours of the user with ts < sample ts
+    cidx: np.ndarray        # (M,) index into the cluster store (-1: none / not used)
+    ts: np.ndarray          # (M,) int64
+    item: np.ndarray        # (M,) target item index
+    item_id: np.ndarray     # (M,) raw target item id
+    label: np.ndarray       # (M,) float32
+    p_true: np.ndarray      # (M,) float32, NaN where unknown
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def make_samples(impressions: pd.DataFrame, hist: UserHistories, vocab: Vocab,
+                 clusters: RowFeatures | None = None, watermark: int | None = None) -> Samples:
+    """Address each impression into the stores. With clusters, every sample must be at or after the
+    watermark W (the clusters summarise behaviours before W only): earlier samples would leak."""
+    users = impressions["user_id"].to_numpy(np.int64)
+    ts = impressions["ts"].to_numpy(np.int64)
+    if clusters is not None and watermark is not None and len(ts) and ts.min() < watermark:
+        n_bad = int((ts < watermark).sum())
+        row = int(np.argmin(ts))
+        raise ValueError(
+            f"{n_bad} samples have ts before the cluster watermark W={watermark} (first: row {row}, ts "
+            f"{ts[row]}); clusters built up to W would leak behaviours after those samples. Expected every "
+            f"impression at or after W: cluster with --watermark <= {int(ts.min())} or pick an earlier version")
+    uidx, pos = hist.positions(users, ts)
+    label = impressions["label"].to_numpy(np.float32)
+    p_true = (impressions["p_true"].to_numpy(np.float32, na_value=np.nan) if "p_true" in impressions.columns
+              else np.full(len(users), np.nan, np.float32))
+    cidx = clusters.index_of(users) if clusters is not None else np.full(len(users), -1, np.int64)
+    item_id = impressions["item_id"].to_numpy(np.int64)
+    return Samples(users, uidx, pos, cidx, ts, vocab.item_index(item_id), item_id, label, p_true)
+
+
+# ---------------------------------------------------------------- batch assembly
+
+
+def _gather(rows: RowFeatures, lo: np.ndarray, hi: np.ndarray, width: int | None, target_ts: np.ndarray,
+            vocab: Vocab) -> dict[str, torch.Tensor]:
+    """Rows [lo, hi) of each sample, the last `width` of them, left-aligned and padded at the end.
+
+    lo, hi: (B,) global row bounds. width None: as wide as the longest sample in the batch."""
+    n = np.maximum(hi - lo, 0)
+    if width is None:
+        width = max(int(n.max()) if len(n) else 0, 1)
+    start = np.maximum(lo, hi - width)                                    # (B,)
+    idx = start[:, None] + np.arange(width)[None, :]                     # (B, W)
+    mask = idx < hi[:, None]                                              # (B, W)
+    safe = np.where(mask, idx, 0) if len(rows.item) else np.zeros_like(idx)
+    if len(rows.item) == 0:
+        mask = np.zeros_like(mask)
+
+    def take(a: np.ndarray) -> np.ndarray:
+        return np.where(mask, a[safe], 0) if len(a) else np.zeros(idx.shape, a.dtype)
+
+    static = rows.cross[safe] if len(rows.item) else np.zeros(idx.shape + (rows.cross.shape[1],), np.int32)
+    gap = vocab.gap_bucket(target_ts[:, None] - (rows.ts[safe] if len(rows.item) else 0.0))   # (B, W)
+    cross = np.concatenate([static[..., :2], gap[..., None], static[..., 2:]], axis=-1)       # (B, W, J)
+    cross = np.where(mask[..., None], cross, 0)
+    return {
+        "item": torch.from_numpy(take(rows.item).astype(np.int64)),
+        "author": torch.from_numpy(take(rows.author).astype(np.int64)),
+        "category": torch.from_numpy(take(rows.category).astype(np.int64)),
+        "dur_bucket": torch.from_numpy(take(rows.dur_bucket).astype(np.int64)),
+        "cross": torch.from_numpy(cross.astype(np.int64)),
+        "mask": torch.from_numpy(mask),
+        "log_n": torch.from_numpy(np.where(mask, rows.log_n[safe], 0).astype(np.float32)
+                                  if len(rows.item) else np.zeros(idx.shape, np.float32)),
+    }
+
+
+def _bounds(rows: RowFeatures, uidx: np.ndarray, pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Global row bounds [lo, hi) of each sample's history (pos None: all the user's rows)."""
+    ok = uidx >= 0
+    u = np.where(ok, uidx, 0)
+    if len(rows.offsets) < 2:
+        z = np.zeros(len(uidx), np.int64)
+        return z, z
+    lo = rows.offsets[u]
+    hi = rows.offsets[u + 1] if pos is None else lo + pos
+    return np.where(ok, lo, 0), np.where(ok, hi, 0)
+
+
+class SampleSet(torch.utils.data.Dataset):
+    """Batches of samples, materialised on the fly. Index it with a list of sample indices (use it
+    with `batch_size=None` and a batch sampler, see `loader`); nothing is copied per sample."""
+
+    def __init__(self, samples: Samples, raw: RowFeatures, vocab: Vocab, long_source: str,
+                 long_len: int | None, short_len: int, clusters: RowFeatures | None = None):
+        if long_source not in ("raw", "clusters", "none"):
+            raise ValueError(f"long_source must be raw, clusters or none, got {long_source!r}")
+        if long_source == "clusters" and clusters is None:
+            raise ValueError("long_source 'clusters' needs a cluster version: run `twinv2 cluster --data DIR` first")
+        self.samples, self.raw, self.vocab = samples, raw, vocab
+        self.long_source, self.short_len, self.clusters = long_source, int(short_len), clusters
+        self.long_len = None if (long_len is None or int(long_len) <= 0) else int(long_len)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index) -> dict:
+        i = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        s, v = self.samples, self.vocab
+        ts = s.ts[i].astype(np.float64)
+        item = s.item[i]
+        batch = {
+            "target": {"item": torch.from_numpy(item), "author": torch.from_numpy(v.item_author[item]),
+                       "category": torch.from_numpy(v.item_category[item]),
+                       "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64))},
+            "label": torch.from_numpy(s.label[i]),
+            "user": torch.from_numpy(s.user[i]),
+        }
+        lo, hi = _bounds(self.raw, s.uidx[i], s.pos[i])
+        batch["short"] = _gather(self.raw, lo, hi, self.short_len, ts, v)
+        if self.long_source == "raw":
+            batch["long"] = _gather(self.raw, lo, hi, self.long_len, ts, v)
+        elif self.long_source == "clusters":
+            clo, chi = _bounds(self.clusters, s.cidx[i], None)
+            batch["long"] = _gather(self.clusters, clo, chi, self.long_len, ts, v)
+        else:   # no long part: an all-padding sequence of length 1 keeps the dict shape uniform
+            z = np.zeros(len(i), np.int64)
+            batch["long"] = _gather(self.raw, z, z, 1, ts, v)
+        return batch
+
+
+class BatchOrder(torch.utils.data.Sampler):
+    """Deterministic batches: a permutation seeded by (seed, epoch), cut into batches; under DDP each
+    rank takes every world-th batch (all ranks get the same number of batches)."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.bs, self.shuffle, self.seed = n, int(batch_size), shuffle, int(seed)
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[np.ndarray]:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        return [order[k:k + self.bs] for k in range(0, self.n, self.bs)]
+
+    def __iter__(self):
+        b = self._batches()
+        if self.world > 1:
+            keep = len(b) // self.world * self.world if self.shuffle else len(b)
+            b = b[self.rank:keep:self.world]
+        return iter([x.tolist() for x in b])
+
+    def __len__(self) -> int:
+        nb = (self.n + self.bs - 1) // self.bs
+        if self.world > 1:
+            return (nb // self.world) if self.shuffle else len(range(self.rank, nb, self.world))
+        return nb
+
+
+def loader(dataset: SampleSet, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
+           rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader whose workers each build whole batches (batch_size=None + a batch sampler)."""
+    order = BatchOrder(len(dataset), batch_size, shuffle, seed, rank, world)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=int(num_workers),
+                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """Move a (nested) batch dict to a device."""
+    return {k: (to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True))
+            for k, v in batch.items()}

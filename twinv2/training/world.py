@@ -1,0 +1,91 @@
+"""Everything a run reads from a dataset directory, loaded once: items, impressions, the behaviour
+store (CSR by user), the cluster version (for models whose long part is clusters) and the vocabulary.
+
+    w = load_world(DIR, need_clusters=True)          # DIR/validated/* and DIR/clusters/CURRENT
+    samples = w.samples("train")                     # (user, position) addressing of the train split
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from twinv2.data.schema import DatasetPaths
+from twinv2.data.store import UserHistories, open_behaviors, read_table
+from twinv2.training.samples import (RowFeatures, Samples, SampleSet, Vocab, cluster_features,
+                                     extra_cross_columns, make_samples, raw_features)
+
+
+@dataclass
+class World:
+    data: Path
+    meta: dict
+    items: pd.DataFrame
+    impressions: pd.DataFrame
+    hist: UserHistories
+    vocab: Vocab
+    raw: RowFeatures
+    clusters: RowFeatures | None
+    cluster_version: str | None
+    watermark: int | None
+
+    def samples(self, split: str | None = None, impressions: pd.DataFrame | None = None) -> Samples:
+        imp = impressions if impressions is not None else self.impressions
+        if split is not None:
+            imp = imp[imp["split"] == split]
+        return make_samples(imp.reset_index(drop=True), self.hist, self.vocab, self.clusters, self.watermark)
+
+    def dataset(self, samples: Samples, model) -> SampleSet:
+        return SampleSet(samples, self.raw, self.vocab, model.long_source, model.long_len, model.short_len,
+                         self.clusters)
+
+    def user_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(user ids, life-cycle length = behaviours before the history end) of every user with history."""
+        end = self.meta.get("history_end_ms")
+        if end is None:
+            return self.hist.user_ids, self.hist.lengths()
+        ts = self.hist.cols["ts"]
+        before = np.add.reduceat((ts < end).astype(np.int64), self.hist.offsets[:-1]) if len(ts) else np.zeros(0)
+        before = np.where(self.hist.lengths() > 0, before, 0)
+        return self.hist.user_ids, before
+
+
+def load_cluster_version(data: str | Path, version: str | None = None) -> tuple[str, dict, pd.DataFrame]:
+    """(version, manifest, cluster table) of DIR/clusters/<version> (None: CURRENT)."""
+    from twinv2.clustering.store import load_clusters
+
+    cv = load_clusters(data, version, members=False)
+    return cv.version, cv.manifest, cv.clusters.to_pandas()
+
+
+def load_world(data: str | Path, need_clusters: bool = False, cluster_version: str | None = None,
+               vocab: Vocab | None = None, features: dict | None = None, stage: str = "validated") -> World:
+    """Load DIR/<stage>/ (validated by default) and, if needed, a cluster version."""
+    paths = DatasetPaths(data)
+    for p in (paths.items(stage), paths.impressions(stage), paths.behaviors(stage)):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: expected the validated dataset; run `twinv2 validate "
+                                    f"--data {data}` first")
+    meta_path = paths.stage(stage) / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    items = read_table(paths.items(stage), "items").to_pandas()
+    imp = read_table(paths.impressions(stage), "impressions").to_pandas()
+    for col in ("user_id", "item_id", "ts", "label", "split"):
+        if col not in imp.columns:
+            raise ValueError(f"{paths.impressions(stage)}: column {col!r} missing; expected user_id, item_id, ts, "
+                             f"label, split")
+    names = open_behaviors(paths.behaviors(stage)).schema.names
+    extras = extra_cross_columns(names)
+    hist = UserHistories.load(paths.behaviors(stage), columns=["item_id", "ts", "play_ms", "duration_ms", *extras])
+    if vocab is None:
+        vocab = Vocab.build(items, {c: hist.cols[c] for c in extras}, features)
+    clusters, version, watermark = None, None, None
+    if need_clusters:
+        version, manifest, table = load_cluster_version(data, cluster_version)
+        watermark = manifest.get("watermark")
+        clusters = cluster_features(table, vocab)
+    return World(Path(data), meta, items, imp, hist, vocab, raw_features(hist, vocab), clusters, version,
+                 None if watermark is None else int(watermark))
