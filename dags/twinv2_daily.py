@@ -157,6 +157,7 @@ def twinv2_daily():
         rep = tracking.run_stage(ctx, info["parent"], "evaluate", stage.run, key=trained["model"],
                                  data=info["data"], tags={"model": trained["model"], "run_dir": run},
                                  artifacts=[run / "metrics.json", run / "plots"],
+                                 bind_run=True,
                                  kwargs={"data": info["data"], "run": run, "params": params})
         return {**trained, "summary": rep.get("summary", "")}
 

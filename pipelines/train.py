@@ -101,6 +101,7 @@ def _run(data, name, out: Path, params, tp, cfg: TrainConfig, info, resume, warm
               "train": tp}, "long_source": model.long_source, "long_len": model.long_len,
               "short_len": model.short_len, "vocab": world.vocab.sizes(), "cluster_version": world.cluster_version,
               "watermark": world.watermark, "n_train": len(tr), "n_valid": len(va), "device": str(info.device),
+              "sample_floor": world.sample_floor, "excluded_before_watermark": world.excluded or {},
               "world_size": info.world, "warm_start": warm, "data_source": world.meta.get("source")}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,7 @@ def _run(data, name, out: Path, params, tp, cfg: TrainConfig, info, resume, warm
                      on_step=ml.step, on_epoch=ml.epoch)
         model = ddp.unwrap(net)
         report.update(model=name, n_train=len(tr), n_valid=len(va), world_size=info.world, device=str(info.device),
+                      excluded_before_watermark=world.excluded or {},
                       cluster_version=world.cluster_version, total_wall_s=time.perf_counter() - t0)
         if info.is_main:
             sd = model.state_dict()

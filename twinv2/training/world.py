@@ -31,11 +31,22 @@ class World:
     clusters: RowFeatures | None
     cluster_version: str | None
     watermark: int | None
+    # Samples before the watermark of the newest cluster version cannot be read by TWIN-V2 without leakage
+    # (its clusters summarise behaviours up to W). Train/valid rows before it are excluded for EVERY model,
+    # so all models learn from the same samples; the counts are reported (never dropped silently).
+    sample_floor: int | None = None
+    excluded: dict | None = None
 
     def samples(self, split: str | None = None, impressions: pd.DataFrame | None = None) -> Samples:
         imp = impressions if impressions is not None else self.impressions
         if split is not None:
             imp = imp[imp["split"] == split]
+        if split in ("train", "valid") and self.sample_floor is not None:
+            before = imp["ts"].to_numpy() < self.sample_floor
+            if self.excluded is None:
+                self.excluded = {}
+            self.excluded[split] = int(before.sum())
+            imp = imp[~before]
         return make_samples(imp.reset_index(drop=True), self.hist, self.vocab, self.clusters, self.watermark)
 
     def dataset(self, samples: Samples, model) -> SampleSet:
@@ -88,4 +99,21 @@ def load_world(data: str | Path, need_clusters: bool = False, cluster_version: s
         watermark = manifest.get("watermark")
         clusters = cluster_features(table, vocab)
     return World(Path(data), meta, items, imp, hist, vocab, raw_features(hist, vocab), clusters, version,
-                 None if watermark is None else int(watermark))
+                 None if watermark is None else int(watermark), _sample_floor(data, watermark))
+
+
+def _sample_floor(data: str | Path, watermark: int | None) -> int | None:
+    """The watermark of the cluster version training reads (the CURRENT one for models without clusters),
+    so that every model is trained on the same samples."""
+    if watermark is not None:
+        return int(watermark)
+    from twinv2.clustering.store import current_version
+
+    version = current_version(data)
+    if version is None:
+        return None
+    manifest = Path(data) / "clusters" / version / "manifest.json"
+    if not manifest.exists():
+        return None
+    w = json.loads(manifest.read_text()).get("watermark")
+    return None if w is None else int(w)
