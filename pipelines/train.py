@@ -248,7 +248,10 @@ def log_pyfunc(mlflow, out: Path, world) -> None:
     import shutil
     import tempfile
 
-    example = world.impressions[["user_id", "item_id", "ts"]].head(5).reset_index(drop=True)
+    imp = world.impressions
+    if world.sample_floor is not None:                # rows the model may score without leakage
+        imp = imp[imp["ts"] >= world.sample_floor]
+    example = imp[["user_id", "item_id", "ts"]].head(5).reset_index(drop=True)
     scores = RunScorer(out, world=world).predict_frame(example)["prob"]
     signature = infer_signature(example, pd.DataFrame({"score": scores}))
     with tempfile.TemporaryDirectory() as tmp:      # the weights, not the checkpoints
