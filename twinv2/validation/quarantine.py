@@ -64,3 +64,13 @@ class QuarantineWriter:
             self._writer.close()
         finally:
             self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "QuarantineWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Publish the quarantine file on success; leave nothing behind on any error."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -193,41 +193,30 @@ def validate_dataset(data: str | Path, params: dict | None = None) -> dict[str, 
             # ---------------------------------------------------------- items
             rep = reps["items"]
             rep.rows_in = len(items)
-            qw = QuarantineWriter(qdir / "items.parquet", _quarantine_schema(items.schema))
-            try:
+            with QuarantineWriter(qdir / "items.parquet", _quarantine_schema(items.schema)) as qw:
                 if _schema_check(rep, schema_problems(items.schema, "items"), str(paths.items())):
                     accepted = _Checker(rep, b, qw, gx, True, rf)(items)
                     write_table(out / "items.parquet", accepted, "items")
                     b = replace(b, known_items=np.unique(accepted.column("item_id").to_numpy()))
                 else:
                     rep.skipped["known_item"] = "items.parquet failed its schema check"
-            except BaseException:
-                qw.abort()
-                raise
-            qw.close()
             _finish(rep, vp)
 
             # ---------------------------------------------------------- behaviours
             rep = reps["behaviors"]
             rep.rows_in = sum(pf.metadata.num_rows for _, pf in parts)
             problems = [f"{f.name}: {p}" for f, pf in parts for p in schema_problems(pf.schema_arrow, "behaviors")]
-            qw = QuarantineWriter(qdir / "behaviors.parquet", _quarantine_schema(parts[0][1].schema_arrow))
-            try:
+            with QuarantineWriter(qdir / "behaviors.parquet", _quarantine_schema(parts[0][1].schema_arrow)) as qw:
                 if b.known_items is None:
                     rep.skipped["known_item"] = "items.parquet failed its schema check"
                 if _schema_check(rep, problems, str(paths.behaviors())):
                     _behaviours(rep, parts, b, qw, gx, rf, vp, out / "behaviors")
-            except BaseException:
-                qw.abort()
-                raise
-            qw.close()
             _finish(rep, vp)
 
             # ---------------------------------------------------------- impressions
             rep = reps["impressions"]
             rep.rows_in = len(imps)
-            qw = QuarantineWriter(qdir / "impressions.parquet", _quarantine_schema(imps.schema))
-            try:
+            with QuarantineWriter(qdir / "impressions.parquet", _quarantine_schema(imps.schema)) as qw:
                 if b.known_items is None:
                     rep.skipped["known_item"] = "items.parquet failed its schema check"
                 if _schema_check(rep, schema_problems(imps.schema, "impressions"), str(paths.impressions())):
@@ -240,10 +229,6 @@ def validate_dataset(data: str | Path, params: dict | None = None) -> dict[str, 
                         rep.skipped["split_time_order"] = "no impression has a known split and a ts"
                     accepted = _Checker(rep, b, qw, gx, True, rf)(imps)
                     write_table(out / "impressions.parquet", accepted, "impressions")
-            except BaseException:
-                qw.abort()
-                raise
-            qw.close()
             _finish(rep, vp)
 
             shutil.copyfile(raw_dir / "meta.json", out / "meta.json")
