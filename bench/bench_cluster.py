@@ -75,7 +75,7 @@ def _rss_mib() -> float:
 # ---------------------------------------------------------------- one measurement (in a subprocess)
 
 
-def one_speedup(n: int, repeats: int) -> dict:
+def one_speedup(n: int, repeats: int, ref_repeats: int = 3) -> dict:
     from twinv2.clustering.hierarchical import cluster_behaviours
     from twinv2.clustering.reference import cluster_behaviours_reference
     from twinv2.clustering.virtual_items import mean_inertia, virtual_items
@@ -83,18 +83,24 @@ def one_speedup(n: int, repeats: int) -> dict:
     beh, E = world(n)
     X = E.lookup(beh["item_id"])
     args = (beh["user_id"], beh["group"], P["gamma"], P["exponent"], P["kmeans_iters"], P["seed"])
-    cluster_behaviours(X[:2000], beh["user_id"][:2000], beh["group"][:2000], *args[2:])     # warm-up
-    tf = []
-    for _ in range(repeats):
+    warm = (X[:2000], beh["user_id"][:2000], beh["group"][:2000], *args[2:])
+    cluster_behaviours(*warm)
+    cluster_behaviours_reference(*warm)
+    # interleaved (fast, reference) pairs so both see the same machine noise; medians of each
+    tf, tr = [], []
+    for i in range(repeats):
         t = time.perf_counter()
         fast = cluster_behaviours(X, *args)
         tf.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    ref = cluster_behaviours_reference(X, *args)
-    tr = time.perf_counter() - t
+        if i < ref_repeats:
+            t = time.perf_counter()
+            ref = cluster_behaviours_reference(X, *args)
+            tr.append(time.perf_counter() - t)
+    tr = float(np.median(tr))
     inert = [mean_inertia(**{k: v for k, v in virtual_items(beh["user_id"], c, beh["group"], X, {}, {}).items()
                              if k in ("sse", "size")}) for c in (fast, ref)]
     return {"n": n, "fast_s": float(np.median(tf)), "reference_s": tr, "speedup": tr / float(np.median(tf)),
+            "fast_runs_s": tf, "reference_runs": ref_repeats,
             "fast_inertia": inert[0], "reference_inertia": inert[1], "inertia_ratio": inert[0] / inert[1],
             "fast_clusters": int(len(np.unique(fast))), "reference_clusters": int(len(np.unique(ref)))}
 
@@ -183,7 +189,8 @@ def main(argv=None) -> dict:
         return {}
     speed_sizes = [10_000, 30_000] if a.quick else [10_000, 100_000]
     thr_sizes = [10_000, 100_000] if a.quick else [10_000, 100_000, 1_000_000]
-    res = {"speedup": [_sub("speedup", n=n, repeats=a.repeats) for n in speed_sizes],
+    res = {"speedup": [_sub("speedup", n=n, repeats=a.repeats, ref_repeats=a.repeats if n <= 10_000 else min(3, a.repeats))
+                       for n in speed_sizes],
            "throughput": [_sub("throughput", n=n) for n in thr_sizes],
            "incremental": [_sub("incremental", n=n, users=u, new_share=0.01, repeats=a.repeats)
                            for n, u in ([(30_000, 3)] if a.quick else [(100_000, 10), (100_000, 1)])],

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from twinv2.clustering.grouping import group_of
+from twinv2.clustering import kmeans
 from twinv2.clustering.hierarchical import cluster_behaviours, cluster_sets
 from twinv2.clustering.kmeans import fallback_labels, is_degenerate, kmeans_level, n_parts, root_keys
 from twinv2.clustering.reference import cluster_behaviours_reference
@@ -65,6 +66,32 @@ def test_fast_matches_reference_quality():
     assert inert[0] <= 1.05 * inert[1], inert
     n_fast, n_ref = len(np.unique(fast)), len(np.unique(ref))
     assert abs(n_fast - n_ref) / n_ref < 0.1
+
+
+def test_big_nodes_sampled_seeding_and_compiled_lloyd_match_reference_quality():
+    """One 12k-point set: its top levels take the big-node path (k-means++ seeded from a sample, Lloyd in
+    scikit-learn's kernel) and must still partition correctly and stay within 5% of the reference."""
+    X, user, _ = blobs(12_000, d=32, centers=60, seed=4)
+    group = np.zeros(len(X), np.int8)
+    assert 12_000 >= kmeans.SKLEARN_MIN_SIZE and 12_000 > kmeans.SEED_PER_K * n_parts(12_000, 0.3)
+    fast = cluster_behaviours(X, user, group, 20, 0.3, 20, 0)
+    ref = cluster_behaviours_reference(X, user, group, 20, 0.3, 20, 0)
+    check_partition(fast, user, group, 20)
+    inert = [mean_inertia(**{k: v for k, v in virtual_items(user, c, group, X, {}, {}).items() if k in ("sse", "size")})
+             for c in (fast, ref)]
+    assert inert[0] <= 1.05 * inert[1], inert
+    assert (cluster_behaviours(X, user, group, 20, 0.3, 20, 0) == fast).all()
+
+
+def test_compiled_lloyd_equals_kmeans_fit():
+    """_lloyd_sklearn calls scikit-learn's Lloyd loop directly; it must label exactly as KMeans.fit does."""
+    from sklearn.cluster import KMeans
+
+    X, _, _ = blobs(3000, d=32, centers=12, seed=5)
+    init = X[::500][:6].copy()
+    want = KMeans(n_clusters=6, init=init, n_init=1, max_iter=20, tol=kmeans.TOL).fit(X).labels_
+    assert kmeans._single_lloyd is not None, "scikit-learn moved _kmeans_single_lloyd: fallback in use"
+    assert (kmeans._lloyd_sklearn(X, init, 20) == want).all()
 
 
 def test_deterministic_and_batch_invariant():

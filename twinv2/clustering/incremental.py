@@ -38,20 +38,25 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
     num_keys = list(numeric_of(beh, cross))
     user, ts = beh["user_id"], beh["ts"]
     # members by user (stable: a user's rows keep their ts order); parts of a sharded base interleave users
-    m_order = np.argsort(np.asarray(old_m["user_id"]), kind="stable")
-    old_m = {k: np.asarray(v)[m_order] for k, v in old_m.items()}
+    mu = np.asarray(old_m["user_id"])
+    if len(mu) and (mu[1:] < mu[:-1]).any():                             # (usually sorted already)
+        m_order = np.argsort(mu, kind="stable")
+        old_m = {k: np.asarray(v)[m_order] for k, v in old_m.items()}
     n = len(user)
     cid = np.full(n, -1, np.int64)
     uu, ustart = np.unique(user, return_index=True)
     uend = np.append(ustart[1:], n)
     # old clusters / members by user (both sorted by user)
-    ocl_order = np.lexsort((old["cluster_id"], old["user_id"])) if len(old["user_id"]) else np.zeros(0, np.int64)
-    old = {k: v[ocl_order] for k, v in old.items()}
+    okey = np.asarray(old["user_id"], np.int64) * _ID_SPAN + old["cluster_id"]  # one sort key per old cluster
+    if len(okey) and (okey[1:] < okey[:-1]).any():
+        ocl_order = np.argsort(okey, kind="stable")
+        old, okey = {k: v[ocl_order] for k, v in old.items()}, okey[ocl_order]
     keep_old = np.zeros(len(old["user_id"]), bool)                       # old cluster rows carried over
     new_parts: list[dict] = []                                            # re-split / orphan / rebuilt clusters
     rebuild_rows, split_rows, split_root, split_user, split_tag = [], [], [], [], []
     next_id: dict[int, int] = {}
     upd_new: list[np.ndarray] = []                                        # new rows of updated users
+    upd_users: list[tuple] = []                                           # their (row, old-cluster) ranges
     stats = {"users_updated": 0, "users_rebuilt": 0, "users_new": 0, "new_behaviors": 0, "clusters_resplit": 0}
 
     for u, lo, hi in zip(uu, ustart, uend):
@@ -87,12 +92,12 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
             d2 = (Cg ** 2).sum(1)[None, :] - 2 * X_new[sel] @ Cg.T                  # (m_g, c)
             cid[rows_new[sel]] = old["cluster_id"][cand][d2.argmin(1)]
         upd_new.append(rows_new)
+        upd_users.append((lo, hi, clo, chi))
 
     # exact running updates of the touched clusters, all users at once
     if upd_new:
         rows_new = np.concatenate(upd_new)
         rows_new = rows_new[cid[rows_new] >= 0]                                    # orphans come later
-        okey = old["user_id"] * _ID_SPAN + old["cluster_id"]                       # sorted (old is)
         r_of = np.searchsorted(okey, user[rows_new] * _ID_SPAN + cid[rows_new])    # (m,) old table row
         R, inv = np.unique(r_of, return_inverse=True)
         mm = np.bincount(inv).astype(np.float64)                                   # (T,)
@@ -109,13 +114,20 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
                                                       minlength=len(R))) / (nn + mm)
         old["size"][R] = (nn + mm).astype(old["size"].dtype)
         old["centroid"][R] = c_new.astype(np.float32)
-        # every member of a touched cluster: its old table row
-        cand = np.flatnonzero(np.isin(user, user[rows_new]) & (cid >= 0))
-        r_all = np.searchsorted(okey, user[cand] * _ID_SPAN + cid[cand])
+        # every row of an updated user (orphans aside): its old table row, through a dense per-user
+        # cluster-id -> row table (a searchsorted over all rows cost more than the whole update)
+        cand, r_all = _old_rows(upd_users, cid, old["cluster_id"])
         big = (nn + mm) > gamma
-        for r in R[big]:                                                           # grown past gamma
+        is_big = np.zeros(len(okey), bool)
+        is_big[R[big]] = True
+        sel_big = is_big[r_all]
+        rb, cb = r_all[sel_big], cand[sel_big]
+        o = np.argsort(rb, kind="stable")                                          # members in row order
+        rb, cb = rb[o], cb[o]
+        cuts = np.flatnonzero(np.r_[True, rb[1:] != rb[:-1]]) if len(rb) else np.zeros(0, np.int64)
+        for r, part in zip(rb[cuts], np.split(cb, cuts[1:])):                       # grown past gamma
             keep_old[r] = False
-            split_rows.append(cand[r_all == r])
+            split_rows.append(part)
             split_tag.append(("resplit", int(old["user_id"][r]), int(old["cluster_id"][r])))
         stats["clusters_resplit"] += int(big.sum())
         # representative: the member nearest the updated centroid (ties: earliest)
@@ -165,6 +177,23 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
     out["cluster_id"] = out["cluster_id"].astype(np.int32)
     assert (cid >= 0).all(), "every behaviour before W_new must be in a cluster"
     return out, cid.astype(np.int32), stats
+
+
+def _old_rows(upd_users: list[tuple], cid: np.ndarray, old_cid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the updated users that are in an old cluster, and that cluster's row in the old table.
+
+    upd_users: (lo, hi, clo, chi) per user: its behaviour rows [lo, hi) and old cluster rows [clo, chi)."""
+    rows, r_of = [], []
+    for lo, hi, clo, chi in upd_users:
+        ids = old_cid[clo:chi].astype(np.int64)
+        lut = np.full(int(ids.max()) + 2, -1, np.int64)                    # id -> row; index -1 -> -1
+        lut[ids] = np.arange(clo, chi)
+        rr = np.arange(lo, hi)
+        r = lut[cid[rr]]                                                     # cid -1 (orphan) -> last = -1
+        keep = r >= 0
+        rows.append(rr[keep])
+        r_of.append(r[keep])
+    return np.concatenate(rows), np.concatenate(r_of)
 
 
 def _vitems_rows(beh, cid, emb, cat, cross, rows):

@@ -17,14 +17,26 @@ Split rules (also used by reference.py):
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 import torch
+from sklearn.cluster import KMeans
+from threadpoolctl import ThreadpoolController
+
+try:                                    # scikit-learn's compiled Lloyd loop (see _lloyd_sklearn)
+    from sklearn.cluster._kmeans import _kmeans_single_lloyd as _single_lloyd
+except ImportError:                     # pragma: no cover - a future scikit-learn may move it
+    _single_lloyd = None
 
 from twinv2.data.store import stable_hash
 
 TOL = 1e-4                  # k-means tolerance, as scikit-learn's KMeans(tol=1e-4)
 MAX_SHARE = 0.9             # a part above this share of its node (and above gamma) is a "giant part"
 _TRIALS = 16               # uniforms reserved per seeding step (greedy k-means++ uses 2 + ln k of them)
+SKLEARN_MIN_SIZE = 2048     # padded node size from which Lloyd runs in scikit-learn (see _kmeans_bucket)
+SEED_PER_K = 64             # k-means++ seeds a node from at most SEED_PER_K * k of its points
 _ELEMS = 1 << 23            # max B*S*K distance entries per batched op (32 MiB float32)
 
 
@@ -113,6 +125,7 @@ def _merge_buckets(S: np.ndarray, sizes: np.ndarray, min_elems: int = 1 << 12) -
     return out
 
 
+@torch.inference_mode()
 def kmeans_level(X: np.ndarray, sizes: np.ndarray, k: np.ndarray, keys: np.ndarray, iters: int) -> np.ndarray:
     """k-means of A nodes at once.
 
@@ -121,7 +134,8 @@ def kmeans_level(X: np.ndarray, sizes: np.ndarray, k: np.ndarray, keys: np.ndarr
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     labels = np.empty(len(X), np.int64)
     S_all = _merge_buckets(padded_size(sizes), sizes)
-    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    Xt = torch.from_numpy(np.concatenate([np.asarray(X, np.float32), np.zeros((1, X.shape[1]), np.float32)]))
+                                                                             # (N + 1, d): row N = padding
     for S in np.unique(S_all):
         nodes = np.nonzero(S_all == S)[0]
         K = int(k[nodes].max())
@@ -142,18 +156,76 @@ def _sqdist(xx: torch.Tensor, X: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
 
 def _kmeans_bucket(Xt: torch.Tensor, off: np.ndarray, size: np.ndarray, k: np.ndarray, keys: np.ndarray,
                    S: int, iters: int) -> np.ndarray:
+    """Labels (B, S) of B nodes padded to S points: batched k-means++ seeding, then Lloyd iterations,
+    batched in torch for small nodes, per node in scikit-learn's compiled Lloyd kernel for big ones
+    (its fused distance/argmin/update loop is ~4x faster per point than batched torch ops once a node
+    has a few thousand points; measured in bench/bench_cluster.py)."""
     B, K, d = len(off), int(k.max()), Xt.shape[1]
     ar = np.arange(S)
     valid_np = ar[None, :] < size[:, None]                                   # (B, S)
-    idx = torch.from_numpy(np.where(valid_np, off[:, None] + ar[None, :], 0))
+    idx = torch.from_numpy(np.where(valid_np, off[:, None] + ar[None, :], len(Xt) - 1))
     valid = torch.from_numpy(valid_np)
-    X = Xt[idx] * valid[..., None]                                           # (B, S, d), pads = 0
-    kmask = torch.from_numpy(np.arange(K)[None, :] < k[:, None])             # (B, K)
+    X = Xt[idx]                                                              # (B, S, d), pads = 0
+    C = _seed(*_seed_sample(X, size, k), k, keys)                             # (B, K, d)
+    if S >= SKLEARN_MIN_SIZE:
+        out = np.zeros((B, S), np.int64)
+        with _threadpools().limit(limits=1, user_api="blas"):               # as KMeans.fit does
+            for a in range(B):
+                n, ka = int(size[a]), int(k[a])
+                out[a, :n] = _lloyd_sklearn(X[a, :n].numpy(), C[a, :ka].numpy(), iters)
+        return out
+    return _lloyd_torch(X, valid, size, k, C, iters)
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    """The process's BLAS/OpenMP pools, probed once (threadpool_limits() re-reads /proc maps every call)."""
+    return ThreadpoolController()
+
+
+def _lloyd_sklearn(X: np.ndarray, init: np.ndarray, iters: int) -> np.ndarray:
+    """One node's Lloyd iterations from the given seeds in scikit-learn's compiled kernel: exactly what
+    KMeans(init=init, n_init=1, max_iter=iters, tol=TOL).fit(X) runs (centred data, tol scaled by the mean
+    per-dimension variance; tests/clustering check the labels are identical), without fit()'s per-call
+    validation and thread-pool probing (~1 ms, which dominated nodes of a few thousand points).
+    Falls back to KMeans.fit if the private kernel entry point moves in a future scikit-learn."""
+    if _single_lloyd is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # identical points: "fewer distinct clusters than k"
+            km = KMeans(n_clusters=len(init), init=init, n_init=1, max_iter=iters, tol=TOL, algorithm="lloyd")
+            return km.fit(X).labels_.astype(np.int64)
+    X = np.array(X, np.float32, order="C")
+    mean = X.mean(axis=0)
+    X -= mean
+    init = np.array(init, np.float32, order="C") - mean
+    tol = float(np.mean(np.var(X, axis=0)) * TOL)
+    labels, _, _, _ = _single_lloyd(X, np.ones(len(X), np.float32), init, max_iter=iters, tol=tol, n_threads=1)
+    return labels.astype(np.int64)
+
+
+def _seed_sample(X: torch.Tensor, size: np.ndarray, k: np.ndarray):
+    """The points k-means++ seeds from: all of a node's points when it has at most SEED_PER_K * k, else
+    SEED_PER_K * k points evenly spaced through its run. Seeding reads its points once per centre, so on
+    big nodes it would cost as much as the Lloyd iterations; a sample of 64 points per centre seeds as
+    well (inertia within 0.5% in bench/bench_cluster.py). Returns (Xs (B, M, d), valid (B, M), m (B,))."""
+    m = np.minimum(size, SEED_PER_K * k)
+    if (m == size).all():
+        return X, torch.from_numpy(np.arange(X.shape[1])[None, :] < size[:, None]), size
+    M = int(m.max())
+    j = np.arange(M)
+    valid = j[None, :] < m[:, None]                                          # (B, M)
+    rows = np.where(valid, (j[None, :] * size[:, None]) // m[:, None], 0)    # (B, M) in [0, size)
+    Xs = X[torch.arange(len(size))[:, None], torch.from_numpy(rows)]          # (B, M, d)
+    return Xs * torch.from_numpy(valid)[..., None], torch.from_numpy(valid), m
+
+
+def _seed(X: torch.Tensor, valid: torch.Tensor, size: np.ndarray, k: np.ndarray, keys: np.ndarray) -> torch.Tensor:
+    """(B, K, d) greedy k-means++ seeds (as scikit-learn: 2 + ln k candidates per step, keep the best),
+    batched; a node's trials and uniforms depend on its own key and k only, never on the bucket it shares."""
+    B, S, d = X.shape
+    K = int(k.max())
     size_t = torch.from_numpy(size)
     b = torch.arange(B)
-
-    # greedy k-means++ seeding (as scikit-learn: 2 + ln k candidates per step, keep the best), batched
-    # (a node's trials and uniforms depend on its own k only, never on the bucket it shares)
     L_node = torch.from_numpy(2 + np.log(np.maximum(k, 1)).astype(np.int64))  # (B,)
     L = int(L_node.max())
     u = torch.from_numpy(uniforms(keys, K * _TRIALS)).view(B, K, _TRIALS)[:, :, :L]   # (B, K, L)
@@ -171,17 +243,28 @@ def _kmeans_bucket(Xt: torch.Tensor, off: np.ndarray, size: np.ndarray, k: np.nd
         pick = torch.minimum(pick, (size_t - 1)[:, None])
         cand = X[b[:, None], pick]                                           # (B, L, d)
         dc = _sqdist(xx, X, cand)                                            # (B, L, S)
-        newd = torch.minimum(d2[:, None, :], dc * valid[:, None, :])         # (B, L, S)
+        newd = torch.minimum(d2[:, None, :], dc)                             # (B, L, S); pads stay 0
         best = (newd.sum(-1) + trial_off).argmin(-1)                         # (B,)
         C[:, t] = cand[b, best]
         d2 = newd[b, best]
+    return C
 
+
+def _lloyd_torch(X: torch.Tensor, valid: torch.Tensor, size: np.ndarray, k: np.ndarray, C: torch.Tensor,
+                 iters: int) -> np.ndarray:
+    """(B, S) labels after batched Lloyd iterations from seeds C (B, K, d)."""
+    B, S, d = X.shape
+    K = C.shape[1]
+    kmask = torch.from_numpy(np.arange(K)[None, :] < k[:, None])             # (B, K)
+    size_t = torch.from_numpy(size)
+    xx = (X * X).sum(-1)                                                     # (B, S)
     # Lloyd iterations; argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), padded centroids at +inf.
     # Nodes at a fixed point leave the batch (their labels can no longer change).
     out = np.zeros((B, S), np.int64)
     live = np.arange(B)                                                      # batch rows still iterating
     off_k = torch.where(kmask, 0.0, float("inf"))                            # (B, K)
-    ar_b = torch.arange(B)
+    pad = ~valid                                                             # (B, S)
+    row_k = torch.arange(B)[:, None] * K                                     # (B, 1)
     # scikit-learn's stopping rule: centre shift^2 summed <= TOL * mean per-dimension variance of the node
     cnt_pts = size_t.to(X.dtype)[:, None]
     mean = X.sum(1) / cnt_pts                                                # (B, d)
@@ -191,13 +274,13 @@ def _kmeans_bucket(Xt: torch.Tensor, off: np.ndarray, size: np.ndarray, k: np.nd
     prev = None
     for it in range(iters + 1):
         Bl = len(live)
-        cc = ((C ** 2).sum(-1) + off_k)[:, None, :]                          # (Bl, 1, K)
+        cc = ((C * C).sum(-1) + off_k)[:, None, :]                           # (Bl, 1, K)
         lab = torch.baddbmm(cc, X, C.transpose(1, 2), alpha=-2).argmin(-1)   # (Bl, S)
         if it == iters:
             out[live] = lab.numpy()
             break
         if prev is not None:
-            conv = ((lab == prev) | ~valid).all(1) | settled                 # (Bl,)
+            conv = ((lab == prev) | pad).all(1) | settled                    # (Bl,)
             n_conv = int(conv.sum())
             if n_conv == Bl:
                 out[live] = lab.numpy()
@@ -205,14 +288,14 @@ def _kmeans_bucket(Xt: torch.Tensor, off: np.ndarray, size: np.ndarray, k: np.nd
             if n_conv * 4 >= Bl:                                             # compact the batch
                 out[live[conv.numpy()]] = lab[conv].numpy()
                 keep = ~conv
-                live, X, C, valid, off_k, lab = live[keep.numpy()], X[keep], C[keep], valid[keep], off_k[keep], lab[keep]
+                live, X, C, pad, off_k, lab = live[keep.numpy()], X[keep], C[keep], pad[keep], off_k[keep], lab[keep]
                 tol = tol[keep]
                 Bl = len(live)
         prev = lab
-        tgt = torch.where(valid, lab + ar_b[:Bl, None] * K, Bl * K).reshape(-1)   # pads -> a dummy row
-        sums = torch.zeros(Bl * K + 1, d).index_add_(0, tgt, X.reshape(-1, d))[:-1].view(Bl, K, d)
-        cnt = torch.bincount(tgt, minlength=Bl * K + 1)[:-1].view(Bl, K).to(X.dtype)
-        C_new = torch.where(cnt[..., None] > 0, sums / cnt.clamp(min=1)[..., None], C)
-        settled = ((C_new - C) ** 2).sum((1, 2)) <= tol
+        tgt = (lab + row_k[:Bl]).masked_fill_(pad, Bl * K).view(-1)          # pads -> a dummy row
+        sums = torch.zeros(Bl * K + 1, d).index_add_(0, tgt, X.view(-1, d))[:-1].view(Bl, K, d)
+        cnt = torch.bincount(tgt, minlength=Bl * K + 1)[:-1].view(Bl, K, 1)
+        C_new = torch.where(cnt > 0, sums / cnt.clamp(min=1), C)
+        settled = (C_new - C).pow_(2).sum((1, 2)) <= tol
         C = C_new
     return out
