@@ -2,6 +2,7 @@
 
     python -m bench.bench_cluster            # all sections, a few minutes on one core
     python -m bench.bench_cluster --quick    # smaller sizes (smoke run)
+    python -m bench.bench_cluster --check    # exit 1 when a target of issue 4 is missed
 
 Every measurement runs in its own subprocess with one thread (torch and BLAS), so "per core" figures and
 peak RSS (ru_maxrss of that process, imports included) are clean. Ratios (fast/reference, incremental/full)
@@ -179,6 +180,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--one", default=None)
     ap.add_argument("--kw", default="{}")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--check", action="store_true", help="exit 1 when a target of issue 4 is missed")
     a = ap.parse_args(argv)
     if a.one:
         import torch
@@ -211,11 +213,42 @@ def main(argv=None) -> dict:
     for r in res["incremental"]:
         print(f"{r['n']:>9} {r['users']:>6} {r['full_s']:>8.3f} {r['incremental_s']:>8.4f} {r['speedup']:>8.1f} "
               f"{r['inertia_ratio']:>18.3f}")
+    res["targets"] = targets(res)
+    print("targets (issue 4)")
+    for t in res["targets"]:
+        flag = ("PASS" if t["ok"] else "FAIL") if t["applies"] else "info"
+        print(f"  {flag}  {t['name']}: {t['value']:.3f} (want {t['want']})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / ("cluster_quick.json" if a.quick else "cluster.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(json.dumps(res))
+    if a.check and not all(t["ok"] for t in res["targets"] if t["applies"]):
+        raise SystemExit(1)
     return res
+
+
+def targets(res: dict) -> list[dict]:
+    """The issue's speed and memory targets, each checked on this run's measurements. A target `applies`
+    at the sizes the issue names (10^4 and 10^5 users, 10^6 for RSS); --quick sizes are shown as info."""
+    out = []
+    for r in res["speedup"]:
+        out.append({"name": f"fast/reference speedup n={r['n']}", "value": r["speedup"], "want": ">= 10",
+                    "ok": r["speedup"] >= 10})
+        out.append({"name": f"inertia fast/reference n={r['n']}", "value": r["inertia_ratio"], "want": "<= 1.05",
+                    "ok": r["inertia_ratio"] <= 1.05})
+    for r in res["incremental"]:
+        out.append({"name": f"incremental speedup n={r['n']} users={r['users']}", "value": r["speedup"],
+                    "want": ">= 20", "ok": r["speedup"] >= 20})
+        out.append({"name": f"inertia incremental/full n={r['n']} users={r['users']}", "value": r["inertia_ratio"],
+                    "want": "within 5%", "ok": abs(r["inertia_ratio"] - 1) <= 0.05})
+    for r in res["throughput"]:
+        if r["n"] >= 1_000_000:
+            out.append({"name": f"peak RSS MiB n={r['n']}", "value": r["peak_rss_mib"], "want": "< 2048",
+                        "ok": r["peak_rss_mib"] < 2048})
+    for t in out:
+        n = int(t["name"].split("n=")[1].split()[0])
+        t["applies"] = n in (10_000, 100_000) or (n >= 1_000_000 and "RSS" in t["name"])
+    return out
 
 
 if __name__ == "__main__":
