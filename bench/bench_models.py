@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from twinv2.config import load_params  # noqa: E402
 from twinv2.io import write_json  # noqa: E402
 from twinv2.models import build_model  # noqa: E402
+from twinv2.training.loop import TrainConfig, make_optimizer  # noqa: E402
 
 VOCAB = {"item": 200_001, "author": 20_001, "category": 51, "dur_bucket": 21, "cross": [12, 12, 24]}
 
@@ -74,7 +75,7 @@ def train_one(kind: str, length: int, batch_size: int, steps: int, compression: 
     torch.manual_seed(0)
     model = build_model(kind, VOCAB, p).to(device).train()
     model.check_inputs = False
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model, TrainConfig(lr=1e-3))            # what `twinv2 train` uses
     g = torch.Generator().manual_seed(1)
     batches = [to(random_batch(batch_size, L, p["short_len"], g, kind == "twinv2"), device) for _ in range(2)]
     sync(device)
