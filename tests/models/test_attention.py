@@ -141,3 +141,34 @@ def test_cache_projection_tables_match_the_linear_maps():
     kp2, cs2, v2 = att.project(b["long"], f)
     assert torch.allclose(kp, kp2, atol=1e-12) and torch.allclose(cs, cs2, atol=1e-12)
     assert torch.allclose(v, v2, atol=1e-12)
+
+
+def _one_user_many_candidates(name, n_cand=7, L_real=None, seed=4):
+    torch.manual_seed(1)
+    m = build_model(name, VOCAB, SMALL).double().eval()
+    user = make_batch(B=1, L=m.long_len, long_lens=[L_real or m.long_len], seed=seed, clusters=name == "twinv2")
+    cands = make_batch(B=n_cand, L=1, seed=seed + 1)["target"]
+    for part in ("long", "short"):
+        user[part]["log_n"] = user[part]["log_n"].double()
+    bcast = {"target": cands, **{p: {k: v.expand(n_cand, *v.shape[1:]) for k, v in user[p].items()}
+                                 for p in ("long", "short")}}
+    copied = {"target": cands, **{p: {k: v.contiguous() for k, v in bcast[p].items()} for p in ("long", "short")}}
+    return m, bcast, copied
+
+
+def test_serving_path_for_one_user_equals_the_training_path():
+    """One user's sequences broadcast over candidates (stride 0) take gsu_esu_shared (project once, gather
+    projections); the same rows copied per candidate take GSU + gather + ESU re-projection: same scores."""
+    for name in ("twinv2", "twin"):
+        for L_real in (None, 3):                                  # more and fewer real rows than topk
+            m, bcast, copied = _one_user_many_candidates(name, L_real=L_real)
+            calls = []
+            orig = m.long_attn.gsu_esu_shared
+            m.long_attn.gsu_esu_shared = lambda *a, **k: calls.append(1) or orig(*a, **k)
+            with torch.no_grad():
+                fast, ref = m(bcast), m(copied)
+            assert calls == [1], "the broadcast batch must take the shared path, the copied one must not"
+            assert torch.allclose(fast, ref, atol=1e-10), (name, L_real)
+            m.build_item_cache()
+            with torch.no_grad():
+                assert torch.allclose(m(bcast), ref, atol=1e-10), (name, L_real, "cached")

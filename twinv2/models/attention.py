@@ -14,7 +14,7 @@ Both stages are this one module, so they share every parameter.
 
 Cache: W^h, W^v are linear and K_h is a concatenation of per-feature embeddings, so
 K_h W^h = sum_f E_f[id_f] W^h_f. `build_cache` precomputes E_f W^h_f (and the value and cross parts) for every
-id of every feature once; scoring then only gathers and adds rows.
+id of every feature once, stacked in one table per kind; scoring then gathers rows and sums them.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn as nn
 
-from twinv2.models.layers import Features, masked_softmax
+from twinv2.models.layers import INHERENT, Features, masked_softmax
 
 
 class TwinAttention(nn.Module):
@@ -43,21 +43,31 @@ class TwinAttention(nn.Module):
     # ------------------------------------------------------------------ cache
     @torch.no_grad()
     def build_cache(self, features: Features) -> dict:
-        """Precompute the per-id projections of every feature table (call after training, in eval mode)."""
-        hd, off = self.out_dim, 0
-        cache = {"key": {}, "val": {}, "cross_s": [], "cross_v": []}
+        """Precompute the per-id projections of every feature table (call after training, in eval mode).
+
+        The tables are stacked so that a lookup is one gather per kind, not one per feature:
+          key  (n_item + n_author + n_cat + n_dur, H*dk)          rows E_f[id] W^h_f
+          val  (same rows, then every cross table's rows, H*dk)   rows E_f[id] W^v_f
+          cross_s  (sum_j n_j,)                                    rows E_j[id] . w_j
+        with `off_h` (4,) and `off_c` (J,) the first row of each feature."""
+        keys, vals, off, rows = [], [], 0, []
         for name, emb in features.tables():
             d = emb.embedding_dim
-            cache["key"][name] = emb.weight @ self.w_h.weight[:, off:off + d].T     # (n_f, H*dk)
-            cache["val"][name] = emb.weight @ self.w_v.weight[:, off:off + d].T     # (n_f, H*dk)
+            keys.append(emb.weight @ self.w_h.weight[:, off:off + d].T)            # (n_f, H*dk)
+            vals.append(emb.weight @ self.w_v.weight[:, off:off + d].T)            # (n_f, H*dk)
+            rows.append(emb.num_embeddings)
             off += d
+        cross_s, cross_rows = [], []
         for j, emb in enumerate(features.cross):
             cols = slice(self.d_h + j * self.c, self.d_h + (j + 1) * self.c)
-            cache["cross_s"].append(emb.weight @ self.w_c[j])                        # (n_j,)
-            cache["cross_v"].append(emb.weight @ self.w_v.weight[:, cols].T)         # (n_j, H*dk)
-        assert hd == self.w_v.weight.shape[0]
-        self._cache = cache
-        return cache
+            cross_s.append(emb.weight @ self.w_c[j])                                # (n_j,)
+            vals.append(emb.weight @ self.w_v.weight[:, cols].T)                    # (n_j, H*dk)
+            cross_rows.append(emb.num_embeddings)
+        dev = self.w_h.weight.device
+        starts = lambda r: torch.tensor([0, *r[:-1]], device=dev).cumsum(0)       # noqa: E731
+        self._cache = {"key": torch.cat(keys), "val": torch.cat(vals), "cross_s": torch.cat(cross_s),
+                       "off_h": starts(rows), "off_c": starts(cross_rows), "n_h": sum(rows)}
+        return self._cache
 
     def clear_cache(self) -> None:
         self._cache = None
@@ -76,12 +86,11 @@ class TwinAttention(nn.Module):
                     None if v is None else v.expand(B, *v.shape[1:]))
         if self._cache is not None:
             ch = self._cache
-            kp = sum(ch["key"][f][seq[f]] for f in ch["key"])
-            cs = torch.stack([t[seq["cross"][..., j]] for j, t in enumerate(ch["cross_s"])], dim=-1)
-            v = None
-            if values:
-                v = sum(ch["val"][f][seq[f]] for f in ch["val"])
-                v = v + sum(t[seq["cross"][..., j]] for j, t in enumerate(ch["cross_v"]))
+            ih = torch.stack([seq[f] for f in INHERENT], dim=-1) + ch["off_h"]     # (B, L, 4) rows
+            ic = seq["cross"] + ch["off_c"]                                         # (B, L, J) rows
+            kp = ch["key"][ih].sum(-2)                                              # (B, L, H*dk)
+            cs = ch["cross_s"][ic]                                                  # (B, L, J)
+            v = ch["val"][torch.cat([ih, ic + ch["n_h"]], dim=-1)].sum(-2) if values else None
         else:
             kh = features.inherent(seq)                                   # (B, L, d_h)
             ce = features.cross_emb(seq)                                  # (B, L, J, c)
@@ -120,6 +129,25 @@ class TwinAttention(nn.Module):
         k = min(k, a.shape[1])
         idx = torch.topk(a, k, dim=1).indices                                  # (B, k)
         return idx, torch.gather(seq["mask"], 1, idx)
+
+    @torch.no_grad()
+    def gsu_esu_shared(self, q_kh: torch.Tensor, seq: dict, features: Features, k: int) -> torch.Tensor:
+        """GSU then ESU for ONE user's sequence broadcast over B candidates (serving, no gradient) -> (B, H*dk).
+
+        The L rows are projected once (keys, cross scalars and values), alpha' (B, L, H) is computed once;
+        the GSU takes the top k of its head-mean and the ESU gathers alpha' and the values of those k rows
+        instead of re-projecting B*k gathered behaviours. Same result as gsu() + gather_seq() + attend()
+        (tests/models check it), which re-projects because in training the ESU must carry gradients."""
+        kp, cs, v = self.project(seq, features)                                # (B, L, H, dk) stride-0 views
+        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"])                # (B, L, H)
+        g = a.mean(-1).masked_fill(~seq["mask"], float("-inf"))                # (B, L)
+        idx = torch.topk(g, min(k, g.shape[1]), dim=1).indices                 # (B, k)
+        a_top = torch.gather(a, 1, idx.unsqueeze(-1).expand(-1, -1, a.shape[2]))   # (B, k, H)
+        m_top = seq["mask"][0][idx]                                            # (B, k)
+        v_top = v[0][idx]                                                      # (B, k, H, dk)
+        w = masked_softmax(a_top, m_top.unsqueeze(-1), dim=1)                  # (B, k, H)
+        out = torch.einsum("bkh,bkhd->bhd", w.to(v_top.dtype), v_top)          # (B, H, dk)
+        return out.reshape(out.shape[0], self.out_dim)
 
     def attend(self, q_kh: torch.Tensor, seq: dict, features: Features) -> torch.Tensor:
         """ESU: multi-head target attention over the whole (already selected) sequence -> (B, H*dk)."""

@@ -85,6 +85,13 @@ def gather_seq(seq: dict, idx: torch.Tensor) -> dict:
     return out
 
 
+def is_broadcast(seq: dict) -> bool:
+    """True when every tensor of a (B, L, ...) sequence dict is one row expanded over B > 1 (stride 0):
+    one user's history scored against B candidates."""
+    ts = [x for x in seq.values() if torch.is_tensor(x) and x.dim() >= 2]
+    return bool(ts) and ts[0].shape[0] > 1 and all(x.stride(0) == 0 for x in ts)
+
+
 def first_positions(seq: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`retrieve` of models without a GSU: the whole long sequence capped at k -> idx, valid (B, k')."""
     mask = seq["mask"]

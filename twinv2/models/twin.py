@@ -10,7 +10,7 @@ import torch
 
 from twinv2.models.attention import TwinAttention
 from twinv2.models.base import CTRModel
-from twinv2.models.layers import gather_seq
+from twinv2.models.layers import gather_seq, is_broadcast
 
 
 class TWIN(CTRModel):
@@ -27,6 +27,8 @@ class TWIN(CTRModel):
 
     def long_interest(self, q_kh: torch.Tensor, batch: dict) -> torch.Tensor:
         long = batch["long"]
+        if not torch.is_grad_enabled() and is_broadcast(long):              # one user, many candidates
+            return self.long_attn.gsu_esu_shared(q_kh, long, self.features, self.topk)
         idx, _ = self.long_attn.gsu(q_kh, long, self.features, self.topk)   # GSU (B, k)
         top = gather_seq(long, idx)                                         # (B, k, ...)
         return self.long_attn.attend(q_kh, top, self.features)             # ESU (B, H*dk)
