@@ -29,7 +29,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
-	for b in generate ingest validate cluster models; do $(BIN)/python -m bench.bench_$$b || exit 1; done
+	for b in generate ingest validate cluster models learn_presence; do $(BIN)/python -m bench.bench_$$b || exit 1; done
 
 airflow: setup
 	$(BIN)/python -m pipelines.services airflow

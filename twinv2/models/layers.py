@@ -20,7 +20,7 @@ class Features(nn.Module):
     Index 0 is padding in every vocabulary (its embedding is the zero vector).
     """
 
-    def __init__(self, vocab: dict, embed_dim: int, side_dim: int, cross_dim: int):
+    def __init__(self, vocab: dict, embed_dim: int, side_dim: int, cross_dim: int, init_std: float = 0.1):
         super().__init__()
         check_vocab(vocab)
         self.item = nn.Embedding(vocab["item"], embed_dim, padding_idx=0)
@@ -32,7 +32,7 @@ class Features(nn.Module):
         self.n_cross = len(vocab["cross"])
         self.cross_dim = cross_dim
         for emb in [self.item, self.author, self.category, self.dur_bucket, *self.cross]:
-            nn.init.normal_(emb.weight, std=0.1)
+            nn.init.normal_(emb.weight, std=init_std)
             with torch.no_grad():
                 emb.weight[0].zero_()
 
