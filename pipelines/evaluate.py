@@ -104,15 +104,12 @@ def _ranking_diversity(scorer: RunScorer, test: pd.DataFrame, ep: dict) -> dict:
     pool_n = min(int(ep.get("diversity_pool", 200)), len(items))
     top_n = int(ep.get("diversity_topn", 10))
     first_ts = test.groupby("user_id")["ts"].min()
-    rows, pools = [], []
-    for user in users:
-        pool = np.sort(rng.choice(len(items), pool_n, replace=False))
-        pools.append(pool)
-        rows.append(pd.DataFrame({"user_id": user, "item_id": items["item_id"].to_numpy()[pool],
-                                  "ts": int(first_ts.loc[user])}))
-    if not rows:
+    if len(users) == 0:
         return {"coverage": None, "ild": None, "n_users": 0}
-    probs = scorer.predict_frame(pd.concat(rows, ignore_index=True))["prob"].reshape(len(users), pool_n)
+    ids = items["item_id"].to_numpy()
+    pools = [np.sort(rng.choice(len(items), pool_n, replace=False)) for _ in users]
+    # one user against its pool: the serving path (the user's sequences built once, broadcast)
+    probs = [scorer.score_user(int(user), ids[pool], int(first_ts.loc[user])) for user, pool in zip(users, pools)]
     cat = items["category"].to_numpy()
     lists = [cat[pool[top_n_list(pr, top_n)]] for pool, pr in zip(pools, probs)]
     out = ranking_diversity(lists, n_categories=len(np.unique(cat)))

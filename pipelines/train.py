@@ -223,7 +223,8 @@ def pyfunc_class():
 
     class TwinV2Model(mlflow.pyfunc.PythonModel):
         """Input: a DataFrame of user_id, item_id[, ts]; output: the click probability of each row,
-        scored from the stored history and clusters of the dataset directory the run was trained on."""
+        scored from the stored history and clusters of the dataset directory the run was trained on.
+        A request for one user at one time (many candidates) takes the one-user serving path."""
 
         def load_context(self, context):
             from twinv2.training.scoring import RunScorer
@@ -233,7 +234,7 @@ def pyfunc_class():
         def predict(self, context, model_input, params=None):
             import pandas as pd
 
-            return pd.DataFrame({"score": self.scorer.predict_frame(model_input)["prob"]})
+            return pd.DataFrame({"score": self.scorer.score_frame(model_input)})
 
     return TwinV2Model
 

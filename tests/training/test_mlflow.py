@@ -35,4 +35,7 @@ def test_train_and_evaluate_log_to_mlflow(planted_ro, small_params, tmp_path, mo
     from twinv2.training.scoring import RunScorer
 
     np.testing.assert_allclose(got, RunScorer(out).predict_frame(x)["prob"], rtol=1e-5)
+    one = x.assign(user_id=x["user_id"].iloc[0], ts=x["ts"].iloc[0])      # a serving request: one user, one time
+    np.testing.assert_allclose(model.predict(one)["score"].to_numpy(), RunScorer(out).predict_frame(one)["prob"],
+                               rtol=1e-5, atol=1e-6)
     assert ((got > 0) & (got < 1)).all()

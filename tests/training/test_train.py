@@ -21,9 +21,27 @@ def test_every_model_learns_the_planted_signal(planted_ro, small_params, tmp_pat
         aucs[name] = m["auc"]
         print(name, round(m["auc"], 4), f"train {rep['total_wall_s']:.1f}s eval {m['wall_s']:.1f}s")
         assert rep["epochs_run"] == 2
+        _one_user_scoring_equals_per_row_scoring(out, planted_ro)
     print(aucs)
     weak = {k: v for k, v in aucs.items() if v < 0.65}
     assert not weak, f"models below AUC 0.65 on the planted signal: {weak} (all: {aucs})"
+
+
+def _one_user_scoring_equals_per_row_scoring(run, data):
+    """RunScorer.score_user (the user's sequences built once, broadcast over candidates: the serving path)
+    gives the per-row scores of predict_frame, for users with a long history and without any."""
+    import pandas as pd
+
+    from twinv2.training.scoring import RunScorer
+
+    s = RunScorer(run, data=data)
+    items = s.world.items["item_id"].to_numpy()[::37][:40]
+    lengths = s.world.user_lengths()
+    for user in (int(lengths[0][np.argmax(lengths[1])]), 10**9):           # most active user; an unknown one
+        ts = s.default_ts()
+        fast = s.score_user(user, items, ts)
+        ref = s.predict_frame(pd.DataFrame({"user_id": user, "item_id": items, "ts": ts}))["prob"]
+        np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6, err_msg=f"{run.name} user {user}")
 
 
 def test_outputs_and_metrics_contract(planted_ro, small_params, tmp_path):

@@ -359,14 +359,7 @@ class SampleSet(torch.utils.data.Dataset):
         i = np.atleast_1d(np.asarray(index, dtype=np.int64))
         s, v = self.samples, self.vocab
         ts = s.ts[i].astype(np.float64)
-        item = s.item[i]
-        batch = {
-            "target": {"item": torch.from_numpy(item), "author": torch.from_numpy(v.item_author[item]),
-                       "category": torch.from_numpy(v.item_category[item]),
-                       "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64))},
-            "label": torch.from_numpy(s.label[i]),
-            "user": torch.from_numpy(s.user[i]),
-        }
+        batch = {"target": self.targets(i), "label": torch.from_numpy(s.label[i]), "user": torch.from_numpy(s.user[i])}
         lo, hi = _bounds(self.raw, s.uidx[i], s.pos[i])
         batch["short"] = _gather(self.raw, lo, hi, self.short_len, ts, v)
         if self.long_source == "raw":
@@ -378,6 +371,14 @@ class SampleSet(torch.utils.data.Dataset):
             z = np.zeros(len(i), np.int64)
             batch["long"] = _gather(self.raw, z, z, 1, ts, v)
         return batch
+
+
+    def targets(self, i: np.ndarray) -> dict:
+        """The target part of a batch: item-inherent feature indices of samples i -> dict of (B,) tensors."""
+        v, item = self.vocab, self.samples.item[i]
+        return {"item": torch.from_numpy(item), "author": torch.from_numpy(v.item_author[item]),
+                "category": torch.from_numpy(v.item_category[item]),
+                "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64))}
 
 
 class BatchOrder(torch.utils.data.Sampler):
