@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from twinv2.clustering.kmeans import (MAX_SHARE, child_keys, fallback_labels, kmeans_level, n_parts,
+from twinv2.clustering.kmeans import (child_keys, fallback_labels, is_degenerate, kmeans_level, n_parts,
                                       root_keys)
 
 
@@ -61,8 +61,7 @@ def _split_level(X, perm, start, size, key, gamma, exponent, iters):
     # degenerate splits -> principal-axis fallback
     kmax = int(k.max())
     counts = np.bincount(node * kmax + lab, minlength=len(start) * kmax).reshape(len(start), kmax)
-    # is_degenerate for every node at once (parts beyond k[a] are empty columns)
-    bad = np.flatnonzero(((counts > 0).sum(1) < 2) | (counts.max(1) > np.maximum(gamma, MAX_SHARE * size)))
+    bad = np.flatnonzero(is_degenerate(counts, size, gamma))          # parts beyond k[a] are empty columns
     for a in bad:
         lo = int(np.searchsorted(node, a))
         rows = slice(lo, lo + int(size[a]))
