@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn as nn
 
-from twinv2.models.layers import INHERENT, Features, masked_softmax
+from twinv2.models.layers import INHERENT, Features, is_broadcast, masked_softmax
 
 
 class TwinAttention(nn.Module):
@@ -79,7 +79,7 @@ class TwinAttention(nn.Module):
         A sequence broadcast over the batch (stride 0: one user scored against many candidates) is
         projected once and the result broadcast."""
         B, L = seq["mask"].shape
-        if B > 1 and all(seq[k].stride(0) == 0 for k in ("item", "author", "category", "dur_bucket", "cross")):
+        if is_broadcast(seq):
             one = {k: seq[k][:1] for k in ("item", "author", "category", "dur_bucket", "cross", "mask")}
             kp, cs, v = self.project(one, features, values)
             return (kp.expand(B, *kp.shape[1:]), cs.expand(B, *cs.shape[1:]),

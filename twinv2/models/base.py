@@ -23,7 +23,8 @@ class CTRModel(nn.Module):
         self.long_len = int(long_len)
         self.short_len = int(p["short_len"])
         self.topk = int(p["topk"])
-        self.features = Features(vocab, p["embed_dim"], p["side_dim"], p["cross_dim"], float(p.get("embed_init_std", 0.1)))
+        self.features = Features(vocab, p["embed_dim"], p["side_dim"], p["cross_dim"],
+                                 float(p.get("embed_init_std", 0.1)))
         f = self.features
         self.short = TwinAttention(f.d_h, f.n_cross, f.cross_dim, p["n_heads"], p["head_dim"])
         self.check_inputs = True

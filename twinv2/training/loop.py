@@ -79,8 +79,13 @@ def predict(model: torch.nn.Module, batches, device: torch.device) -> dict[str, 
         out["logit"].append(logit.cpu().numpy())
     m.train(was)
     res = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in out.items()}
-    res["prob"] = 1.0 / (1.0 + np.exp(-res["logit"].astype(np.float64)))
+    res["prob"] = probability(res["logit"])
     return res
+
+
+def probability(logit: np.ndarray) -> np.ndarray:
+    """sigmoid(logit) in float64: the probabilities every scoring path reports."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logit, np.float64)))
 
 
 def score(pred: dict[str, np.ndarray]) -> dict:

@@ -69,7 +69,7 @@ class RunScorer:
         The user's short and long sequences are built once and broadcast over the candidates (stride 0),
         so TWIN / TWIN-V2 project them once and gather the top-k projections (their serving path), and
         nothing is copied per candidate. Same scores as predict_frame on the same rows (tested)."""
-        from twinv2.training.loop import autocast
+        from twinv2.training.loop import autocast, probability
         from twinv2.training.samples import to_device
 
         items = np.asarray(items, np.int64)
@@ -83,10 +83,8 @@ class RunScorer:
         batch = {"target": to_device(ds.targets(np.arange(n)), self.device),
                  "long": {k: x.expand(n, *x.shape[1:]) for k, x in one["long"].items()},
                  "short": {k: x.expand(n, *x.shape[1:]) for k, x in one["short"].items()}}
-        self.model.eval()
         with autocast(self.device):
-            logit = self.model(batch).float().cpu().numpy().astype(np.float64)
-        return 1.0 / (1.0 + np.exp(-logit))                  # as predict()
+            return probability(self.model(batch).float().cpu().numpy())
 
     def score_frame(self, df: pd.DataFrame) -> np.ndarray:
         """Probabilities of the rows of df (user_id, item_id[, ts]) in row order: one user at one time (a
