@@ -1,8 +1,11 @@
 """Batched k-means: every node of one tree level in one go, plus the split rules shared with the reference.
 
 A level holds A nodes (sets of points, each a contiguous run of a point array). Nodes are bucketed by
-padded size S (5 sizes per octave, so padding wastes < 25%), and each bucket runs k-means++ and Lloyd
-iterations as batched tensor ops: X (B, S, d), centroids (B, K, d), distances (B, S, K).
+padded size S (a few sizes per octave, small buckets merged), and each bucket runs k-means++ and Lloyd
+iterations as batched numpy ops: X (B, S, d) and its transpose (B, d, S), centroids (B, K, d), distances
+(B, K, S) by one stacked matmul, the argmin as a running minimum over the K planes, and the centroid update
+as a matmul of the one-hot assignment (B, K, S) with X. (At K = 2-10 this beat torch's baddbmm, argmin and
+index_add_ by ~2x per Lloyd iteration on one core; bench/bench_cluster.py measures the whole.)
 
 Randomness is counter based: the uniforms of node `key` are hashes of (key, step), so a node's split does
 not depend on which other nodes (or users, or shards) share its batch. Lloyd stops when every node of the
@@ -21,7 +24,6 @@ import functools
 import warnings
 
 import numpy as np
-import torch
 from sklearn.cluster import KMeans
 from threadpoolctl import ThreadpoolController
 
@@ -120,7 +122,6 @@ def _merge_buckets(S: np.ndarray, sizes: np.ndarray, min_elems: int = 1 << 12) -
     return out
 
 
-@torch.inference_mode()
 def kmeans_level(X: np.ndarray, sizes: np.ndarray, k: np.ndarray, keys: np.ndarray, iters: int) -> np.ndarray:
     """k-means of A nodes at once.
 
@@ -129,7 +130,7 @@ def kmeans_level(X: np.ndarray, sizes: np.ndarray, k: np.ndarray, keys: np.ndarr
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     labels = np.empty(len(X), np.int64)
     S_all = _merge_buckets(padded_size(sizes), sizes)
-    Xt = torch.from_numpy(np.concatenate([np.asarray(X, np.float32), np.zeros((1, X.shape[1]), np.float32)]))
+    Xp = np.concatenate([np.asarray(X, np.float32), np.zeros((1, X.shape[1]), np.float32)])
                                                                              # (N + 1, d): row N = padding
     for S in np.unique(S_all):
         nodes = np.nonzero(S_all == S)[0]
@@ -137,39 +138,52 @@ def kmeans_level(X: np.ndarray, sizes: np.ndarray, k: np.ndarray, keys: np.ndarr
         per = max(1, _ELEMS // (int(S) * max(K, 8)))
         for lo in range(0, len(nodes), per):
             nb = nodes[lo:lo + per]
-            lab = _kmeans_bucket(Xt, offsets[nb], sizes[nb], k[nb], keys[nb], int(S), iters)
+            lab = _kmeans_bucket(Xp, offsets[nb], sizes[nb], k[nb], keys[nb], int(S), iters)
             valid = np.arange(S)[None, :] < sizes[nb][:, None]
             labels[(offsets[nb][:, None] + np.arange(S)[None, :])[valid]] = lab[valid]
     return labels
 
 
-def _sqdist(xx: torch.Tensor, X: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """(B, m, S) squared distances of the m points P (B, m, d) to the S points X (B, S, d); xx = |X|^2."""
-    pp = (P * P).sum(-1)                                                     # (B, m)
-    return torch.baddbmm(pp[:, :, None] + xx[:, None, :], P, X.transpose(1, 2), alpha=-2).clamp_(min=0)
+def _sqdist(xx: np.ndarray, XT: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """(B, m, S) squared distances of the m points P (B, m, d) to the S points XT (B, d, S); xx = |X|^2 (B, S)."""
+    D = np.matmul(P * -2, XT)                                                # (B, m, S)
+    D += np.einsum("bmd,bmd->bm", P, P)[:, :, None]
+    D += xx[:, None, :]
+    return np.maximum(D, 0, out=D)
 
 
-def _kmeans_bucket(Xt: torch.Tensor, off: np.ndarray, size: np.ndarray, k: np.ndarray, keys: np.ndarray,
+def _argmin_k(D: np.ndarray) -> np.ndarray:
+    """argmin over axis 1 of D (B, K, S) for small K: a running minimum over the K (B, S) planes (numpy's
+    argmin over a middle axis was up to ~2x slower at K <= 10). Ties go to the lowest index, as argmin's."""
+    best = D[:, 0].copy()
+    lab = np.zeros(best.shape, np.int64)
+    for j in range(1, D.shape[1]):
+        closer = D[:, j] < best
+        np.minimum(best, D[:, j], out=best)
+        np.copyto(lab, j, where=closer)
+    return lab
+
+
+def _kmeans_bucket(Xp: np.ndarray, off: np.ndarray, size: np.ndarray, k: np.ndarray, keys: np.ndarray,
                    S: int, iters: int) -> np.ndarray:
     """Labels (B, S) of B nodes padded to S points: batched k-means++ seeding, then Lloyd iterations,
-    batched in torch for small nodes, per node in scikit-learn's compiled Lloyd kernel for big ones
-    (its fused distance/argmin/update loop is ~4x faster per point than batched torch ops once a node
-    has a few thousand points; measured in bench/bench_cluster.py)."""
-    B, K, d = len(off), int(k.max()), Xt.shape[1]
+    batched (numpy matmuls over the bucket) for small nodes, per node in scikit-learn's compiled Lloyd
+    kernel for big ones (its fused distance/argmin/update loop is faster per point than batched ops once a
+    node has a few thousand points; measured in bench/bench_cluster.py)."""
+    B = len(off)
     ar = np.arange(S)
-    valid_np = ar[None, :] < size[:, None]                                   # (B, S)
-    idx = torch.from_numpy(np.where(valid_np, off[:, None] + ar[None, :], len(Xt) - 1))
-    valid = torch.from_numpy(valid_np)
-    X = Xt[idx]                                                              # (B, S, d), pads = 0
-    C = _seed(*_seed_sample(X, size, k), k, keys)                             # (B, K, d)
+    valid = ar[None, :] < size[:, None]                                      # (B, S)
+    X = Xp[np.where(valid, off[:, None] + ar[None, :], len(Xp) - 1)]         # (B, S, d), pads = 0
     if S >= SKLEARN_MIN_SIZE:
+        C = _seed(*_seed_sample(X, size, k), k, keys)                         # (B, K, d)
         out = np.zeros((B, S), np.int64)
         with _threadpools().limit(limits=1, user_api="blas"):               # as KMeans.fit does
             for a in range(B):
                 n, ka = int(size[a]), int(k[a])
-                out[a, :n] = _lloyd_sklearn(X[a, :n].numpy(), C[a, :ka].numpy(), iters)
+                out[a, :n] = _lloyd_sklearn(X[a, :n], C[a, :ka], iters)
         return out
-    return _lloyd_torch(X, valid, size, k, C, iters)
+    XT = np.ascontiguousarray(X.transpose(0, 2, 1))                          # (B, d, S), for both
+    return _lloyd_batched(XT, valid, size, k, _seed(X, valid, size, k, keys, XT), iters)
 
 
 @functools.cache
@@ -198,99 +212,95 @@ def _lloyd_sklearn(X: np.ndarray, init: np.ndarray, iters: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _seed_sample(X: torch.Tensor, size: np.ndarray, k: np.ndarray):
+def _seed_sample(X: np.ndarray, size: np.ndarray, k: np.ndarray):
     """The points k-means++ seeds from: all of a node's points when it has at most SEED_PER_K * k, else
     SEED_PER_K * k points evenly spaced through its run. Seeding reads its points once per centre, so on
     big nodes it would cost as much as the Lloyd iterations; a sample of 32 points per centre seeds as
     well (inertia within 1% of the reference in bench/bench_cluster.py). Returns (Xs (B, M, d), valid (B, M), m (B,))."""
     m = np.minimum(size, SEED_PER_K * k)
     if (m == size).all():
-        return X, torch.from_numpy(np.arange(X.shape[1])[None, :] < size[:, None]), size
+        return X, np.arange(X.shape[1])[None, :] < size[:, None], size
     M = int(m.max())
     j = np.arange(M)
     valid = j[None, :] < m[:, None]                                          # (B, M)
     rows = np.where(valid, (j[None, :] * size[:, None]) // m[:, None], 0)    # (B, M) in [0, size)
-    Xs = X[torch.arange(len(size))[:, None], torch.from_numpy(rows)]          # (B, M, d)
-    return Xs * torch.from_numpy(valid)[..., None], torch.from_numpy(valid), m
+    Xs = X[np.arange(len(size))[:, None], rows]                              # (B, M, d)
+    return Xs * valid[..., None], valid, m
 
 
-def _seed(X: torch.Tensor, valid: torch.Tensor, size: np.ndarray, k: np.ndarray, keys: np.ndarray) -> torch.Tensor:
+def _seed(X: np.ndarray, valid: np.ndarray, size: np.ndarray, k: np.ndarray, keys: np.ndarray,
+          XT: np.ndarray | None = None) -> np.ndarray:
     """(B, K, d) greedy k-means++ seeds (as scikit-learn: 2 + ln k candidates per step, keep the best),
-    batched; a node's trials and uniforms depend on its own key and k only, never on the bucket it shares."""
+    batched; a node's trials and uniforms depend on its own key and k only, never on the bucket it shares.
+    X (B, S, d); XT: its contiguous transpose (B, d, S) when the caller has it."""
     B, S, d = X.shape
     K = int(k.max())
-    size_t = torch.from_numpy(size)
-    b = torch.arange(B)
-    L_node = torch.from_numpy(2 + np.log(np.maximum(k, 1)).astype(np.int64))  # (B,)
+    b = np.arange(B)
+    L_node = 2 + np.log(np.maximum(k, 1)).astype(np.int64)                   # (B,)
     L = int(L_node.max())
-    u = torch.from_numpy(uniforms(keys, K * _TRIALS)).view(B, K, _TRIALS)[:, :, :L]   # (B, K, L)
-    trial_off = torch.where(torch.arange(L)[None, :] < L_node[:, None], 0.0, float("inf"))  # (B, L)
-    C = torch.zeros(B, K, d)
-    first = torch.clamp((u[:, 0, 0] * size_t).long(), max=S - 1)
-    C[:, 0] = X[b, first]
-    xx = (X * X).sum(-1)                                                     # (B, S)
-    d2 = _sqdist(xx, X, C[:, :1])[:, 0] * valid                              # (B, S)
+    u = uniforms(keys, K * _TRIALS).reshape(B, K, _TRIALS)[:, :, :L]         # (B, K, L)
+    trial_off = np.where(np.arange(L)[None, :] < L_node[:, None], 0.0, np.inf)  # (B, L)
+    C = np.zeros((B, K, d), np.float32)
+    XT = np.ascontiguousarray(X.transpose(0, 2, 1)) if XT is None else XT   # (B, d, S)
+    xx = np.einsum("bds,bds->bs", XT, XT)                                    # (B, S)
+    C[:, 0] = X[b, np.minimum((u[:, 0, 0] * size).astype(np.int64), S - 1)]
+    d2 = _sqdist(xx, XT, C[:, :1])[:, 0] * valid                             # (B, S)
     for t in range(1, K):
-        cdf = torch.cumsum(d2.double(), 1)                                   # (B, S)
+        cdf = np.cumsum(d2, 1, dtype=np.float64)                             # (B, S)
         tot = cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u[:, t] * tot, right=True)            # (B, L)
-        pick = torch.where(tot > 0, pick, (u[:, t] * size_t[:, None]).long())
-        pick = torch.minimum(pick, (size_t - 1)[:, None])
+        target = u[:, t] * tot                                               # (B, L)
+        pick = (cdf[:, None, :] <= target[:, :, None]).sum(-1)               # searchsorted(right=True)
+        pick = np.where(tot > 0, pick, (u[:, t] * size[:, None]).astype(np.int64))
+        pick = np.minimum(pick, (size - 1)[:, None])
         cand = X[b[:, None], pick]                                           # (B, L, d)
-        dc = _sqdist(xx, X, cand)                                            # (B, L, S)
-        newd = torch.minimum(d2[:, None, :], dc)                             # (B, L, S); pads stay 0
+        newd = np.minimum(d2[:, None, :], _sqdist(xx, XT, cand))             # (B, L, S); pads stay 0
         best = (newd.sum(-1) + trial_off).argmin(-1)                         # (B,)
         C[:, t] = cand[b, best]
         d2 = newd[b, best]
     return C
 
 
-def _lloyd_torch(X: torch.Tensor, valid: torch.Tensor, size: np.ndarray, k: np.ndarray, C: torch.Tensor,
-                 iters: int) -> np.ndarray:
-    """(B, S) labels after batched Lloyd iterations from seeds C (B, K, d)."""
-    B, S, d = X.shape
+def _lloyd_batched(XT: np.ndarray, valid: np.ndarray, size: np.ndarray, k: np.ndarray, C: np.ndarray,
+                   iters: int) -> np.ndarray:
+    """(B, S) labels after batched Lloyd iterations from seeds C (B, K, d); XT (B, d, S) the points."""
+    B, d, S = XT.shape
     K = C.shape[1]
-    kmask = torch.from_numpy(np.arange(K)[None, :] < k[:, None])             # (B, K)
-    size_t = torch.from_numpy(size)
-    xx = (X * X).sum(-1)                                                     # (B, S)
-    # Lloyd iterations; argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), padded centroids at +inf.
+    xx = np.einsum("bds,bds->bs", XT, XT)                                    # (B, S)
+    # Lloyd iterations; argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 c_k.x), padded centroids at +inf.
     # Nodes at a fixed point leave the batch (their labels can no longer change).
     out = np.zeros((B, S), np.int64)
     live = np.arange(B)                                                      # batch rows still iterating
-    off_k = torch.where(kmask, 0.0, float("inf"))                            # (B, K)
+    off_k = np.where(np.arange(K)[None, :] < k[:, None], 0.0, np.inf).astype(np.float32)  # (B, K)
     pad = ~valid                                                             # (B, S)
-    row_k = torch.arange(B)[:, None] * K                                     # (B, 1)
+    ar_k = np.arange(K)[None, :, None]                                       # (1, K, 1)
     # scikit-learn's stopping rule: centre shift^2 summed <= TOL * mean per-dimension variance of the node
-    cnt_pts = size_t.to(X.dtype)[:, None]
-    mean = X.sum(1) / cnt_pts                                                # (B, d)
-    var = (xx.sum(1, keepdim=True) / cnt_pts - (mean * mean).sum(1, keepdim=True)) / d
-    tol = TOL * var[:, 0].clamp(min=0)                                       # (B,)
-    settled = torch.zeros(B, dtype=torch.bool)                               # shift below tol: one last E-step
+    cnt_pts = size.astype(np.float32)[:, None]
+    mean = XT.sum(2) / cnt_pts                                               # (B, d)
+    var = (xx.sum(1, keepdims=True) / cnt_pts - (mean * mean).sum(1, keepdims=True)) / d
+    tol = TOL * np.maximum(var[:, 0], 0)                                     # (B,)
+    settled = np.zeros(B, bool)                                              # shift below tol: one last E-step
     prev = None
     for it in range(iters + 1):
-        Bl = len(live)
-        cc = ((C * C).sum(-1) + off_k)[:, None, :]                           # (Bl, 1, K)
-        lab = torch.baddbmm(cc, X, C.transpose(1, 2), alpha=-2).argmin(-1)   # (Bl, S)
+        D = np.matmul(C * -2, XT)                                            # (Bl, K, S)
+        D += (np.einsum("bkd,bkd->bk", C, C) + off_k)[:, :, None]
+        lab = _argmin_k(D)                                                   # (Bl, S)
         if it == iters:
-            out[live] = lab.numpy()
+            out[live] = lab
             break
         if prev is not None:
             conv = ((lab == prev) | pad).all(1) | settled                    # (Bl,)
             n_conv = int(conv.sum())
-            if n_conv == Bl:
-                out[live] = lab.numpy()
+            if n_conv == len(live):
+                out[live] = lab
                 break
-            if n_conv * 4 >= Bl:                                             # compact the batch
-                out[live[conv.numpy()]] = lab[conv].numpy()
+            if n_conv * 4 >= len(live):                                      # compact the batch
+                out[live[conv]] = lab[conv]
                 keep = ~conv
-                live, X, C, pad, off_k, lab = live[keep.numpy()], X[keep], C[keep], pad[keep], off_k[keep], lab[keep]
-                tol = tol[keep]
-                Bl = len(live)
+                live, XT, C, pad, off_k, lab, tol = (v[keep] for v in (live, XT, C, pad, off_k, lab, tol))
         prev = lab
-        tgt = (lab + row_k[:Bl]).masked_fill_(pad, Bl * K).view(-1)          # pads -> a dummy row
-        sums = torch.zeros(Bl * K + 1, d).index_add_(0, tgt, X.view(-1, d))[:-1].view(Bl, K, d)
-        cnt = torch.bincount(tgt, minlength=Bl * K + 1)[:-1].view(Bl, K, 1)
-        C_new = torch.where(cnt > 0, sums / cnt.clamp(min=1), C)
-        settled = (C_new - C).pow_(2).sum((1, 2)) <= tol
+        onehot = (np.where(pad, -1, lab)[:, None, :] == ar_k).astype(np.float32)   # (Bl, K, S); pads: none
+        cnt = onehot.sum(-1)[:, :, None]                                     # (Bl, K, 1)
+        C_new = np.where(cnt > 0, np.matmul(onehot, XT.transpose(0, 2, 1)) / np.maximum(cnt, 1), C)
+        settled = ((C_new - C) ** 2).sum((1, 2)) <= tol
         C = C_new
     return out
