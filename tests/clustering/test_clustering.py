@@ -170,6 +170,21 @@ def test_fallback_labels_equal_chunks_along_principal_axis():
         assert proj.max() - proj.min() <= 0.26
 
 
+@pytest.mark.parametrize("spread", [1, 10**9])
+def test_id_index_equals_a_dict(spread):
+    """Dense table (compact ids) and binary search (sparse ids) find exactly the rows a dict does."""
+    from twinv2.clustering.embeddings import IdIndex
+
+    rng = np.random.default_rng(spread)
+    ids = np.unique(rng.integers(0, 5000 * spread, 3000))
+    index = IdIndex(ids)
+    assert (index.table is not None) == (spread == 1)
+    query = np.concatenate([rng.choice(ids, 500), rng.integers(-10, 6000 * spread, 500), [-1, 10**12]])
+    want = {int(v): r for r, v in enumerate(ids)}
+    assert index.rows(query).tolist() == [want.get(int(q), -1) for q in query]
+    assert IdIndex(np.zeros(0, np.int64)).rows(query).tolist() == [-1] * len(query)
+
+
 def test_empty_and_small_sets():
     X = np.zeros((0, 4), np.float32)
     assert len(cluster_sets(X, np.zeros(0, np.int64), 20, 0.3, 5, np.zeros(0, np.uint64))) == 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from twinv2.clustering.embeddings import ItemEmbedding
+from twinv2.clustering.embeddings import IdIndex, ItemEmbedding
 from twinv2.clustering.grouping import completion, group_of
 from twinv2.clustering.hierarchical import cluster_behaviours
 from twinv2.clustering.virtual_items import virtual_items
@@ -32,13 +32,18 @@ class Catalogue:
         return cls(ids[order], t.column("author_id").to_numpy().astype(np.int64)[order],
                    t.column("category").to_numpy().astype(np.int32)[order])
 
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_index"}
+
     def lookup(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(item_ids, np.int64)
         if not len(self.item_id):
-            return np.full(len(ids), -1, np.int64), np.full(len(ids), -1, np.int32)
-        pos = np.minimum(np.searchsorted(self.item_id, ids), len(self.item_id) - 1)
-        hit = self.item_id[pos] == ids
-        return np.where(hit, self.author_id[pos], -1), np.where(hit, self.category[pos], -1).astype(np.int32)
+            return np.full(len(item_ids), -1, np.int64), np.full(len(item_ids), -1, np.int32)
+        if self.__dict__.get("_index") is None:
+            self._index = IdIndex(self.item_id)                           # built on first use, not pickled
+        pos = self._index.rows(item_ids)
+        hit = pos >= 0
+        return (np.where(hit, self.author_id[pos], -1).astype(np.int64),
+                np.where(hit, self.category[pos], -1).astype(np.int32))
 
 
 def cross_columns(names) -> list[str]:

@@ -21,6 +21,28 @@ import numpy as np
 from twinv2.data.store import stable_hash
 
 
+class IdIndex:
+    """Row of each id in a sorted id array, -1 when absent: a dense id -> row table when the ids are
+    compact (max id < 4 n + 1024: one gather per lookup), a binary search otherwise."""
+
+    def __init__(self, sorted_ids: np.ndarray):
+        self.ids = np.asarray(sorted_ids, np.int64)
+        n = len(self.ids)
+        self.table = None
+        if n and self.ids[0] >= 0 and self.ids[-1] < 4 * n + 1024:
+            self.table = np.full(int(self.ids[-1]) + 2, -1, np.int64)        # last slot: out of range
+            self.table[self.ids] = np.arange(n)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        if self.table is not None:
+            return self.table[np.where((ids >= 0) & (ids < len(self.table) - 1), ids, len(self.table) - 1)]
+        if not len(self.ids):
+            return np.full(len(ids), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.where(self.ids[pos] == ids, pos, -1)
+
+
 @dataclass
 class ItemEmbedding:
     item_id: np.ndarray          # (N,) int64, sorted
@@ -32,16 +54,21 @@ class ItemEmbedding:
     def dim(self) -> int:
         return int(self.emb.shape[1])
 
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_index"}
+
     def lookup(self, item_ids: np.ndarray) -> np.ndarray:
         """(n, d) float32 embeddings; ids not in the table get the hashed fallback vector."""
         ids = np.asarray(item_ids, np.int64)
-        pos = np.searchsorted(self.item_id, ids)
-        pos = np.minimum(pos, max(len(self.item_id) - 1, 0))
-        hit = (self.item_id[pos] == ids) if len(self.item_id) else np.zeros(len(ids), bool)
+        if self.__dict__.get("_index") is None:
+            self._index = IdIndex(self.item_id)                           # built on first use, not pickled
+        pos = self._index.rows(ids)
+        hit = pos >= 0
+        if hit.all():
+            return self.emb[pos].astype(np.float32, copy=False)
         out = np.empty((len(ids), self.dim), np.float32)
         out[hit] = self.emb[pos[hit]]
-        if not hit.all():
-            out[~hit] = hashed_vectors(ids[~hit], self.dim)
+        out[~hit] = hashed_vectors(ids[~hit], self.dim)
         return out
 
     def save(self, path: str | Path) -> None:

@@ -44,8 +44,10 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
         old_m = {k: np.asarray(v)[m_order] for k, v in old_m.items()}
     n = len(user)
     cid = np.full(n, -1, np.int64)
-    uu, ustart = np.unique(user, return_index=True)
-    uend = np.append(ustart[1:], n)
+    if n and (user[1:] < user[:-1]).any():
+        raise ValueError("update_chunk: behaviours must be sorted by (user_id, ts)")
+    ustart = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if n else np.zeros(0, np.int64)
+    uu, uend = user[ustart], np.append(ustart[1:], n)                   # one run of rows per user
     # old clusters / members by user (both sorted by user)
     okey = np.asarray(old["user_id"], np.int64) * _ID_SPAN + old["cluster_id"]  # one sort key per old cluster
     if len(okey) and (okey[1:] < okey[:-1]).any():
@@ -78,7 +80,7 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
             continue
         stats["users_updated"] += 1
         rows_new = np.arange(lo + n_old, hi)
-        X_new = emb.lookup(beh["item_id"][rows_new]).astype(np.float64)              # (m, d)
+        X_new = emb.lookup(beh["item_id"][rows_new])                         # (m, d) float32, as k-means
         g_new = beh["group"][rows_new]
         c_rows = np.arange(clo, chi)
         for g in np.unique(g_new):
@@ -88,8 +90,8 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
                 split_rows.append(rows_new[sel])
                 split_tag.append(("orphan", int(u), int(g)))
                 continue
-            Cg = old["centroid"][cand].astype(np.float64)                           # (c, d)
-            d2 = (Cg ** 2).sum(1)[None, :] - 2 * X_new[sel] @ Cg.T                  # (m_g, c)
+            Cg = old["centroid"][cand]                                       # (c, d) float32
+            d2 = (Cg ** 2).sum(1)[None, :] - 2 * X_new[sel] @ Cg.T          # (m_g, c) + const per row
             cid[rows_new[sel]] = old["cluster_id"][cand][d2.argmin(1)]
         upd_new.append(rows_new)
         upd_users.append((lo, hi, clo, chi))
@@ -131,16 +133,20 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
             split_tag.append(("resplit", int(old["user_id"][r]), int(old["cluster_id"][r])))
         stats["clusters_resplit"] += int(big.sum())
         # representative: the member nearest the updated centroid (ties: earliest)
-        small = R[~big]
-        sel = np.isin(r_all, small)
-        mem, r_mem = cand[sel], r_all[sel]
+        is_small = np.zeros(len(okey), bool)
+        is_small[R[~big]] = True
+        sel = is_small[r_all]
+        mem, r_mem = cand[sel], r_all[sel]                                   # mem ascending
         if len(mem):
             pos = np.searchsorted(R, r_mem)
             Xm = emb.lookup(beh["item_id"][mem]).astype(np.float64)
             dist = ((Xm - c_new[pos]) ** 2).sum(1)
-            order = np.lexsort((mem, dist, r_mem))
-            first = np.flatnonzero(np.r_[True, r_mem[order][1:] != r_mem[order][:-1]])
-            best, r_best = mem[order][first], r_mem[order][first]
+            order = np.argsort(r_mem, kind="stable")                         # by cluster, then member
+            r_s, d_s = r_mem[order], dist[order]
+            starts = np.flatnonzero(np.r_[True, r_s[1:] != r_s[:-1]])
+            at_min = np.flatnonzero(d_s == np.repeat(np.minimum.reduceat(d_s, starts), np.diff(np.r_[starts, len(d_s)])))
+            first = at_min[np.r_[True, r_s[at_min][1:] != r_s[at_min][:-1]]]   # earliest member at the min
+            best, r_best = mem[order][first], r_s[first]
             old["item_id"][r_best] = beh["item_id"][best]
             a, c = cat.lookup(beh["item_id"][best])
             old["author_id"][r_best], old["category"][r_best] = a, c
@@ -154,11 +160,18 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
                          np.array([t[2] + (0 if t[0] == "resplit" else 1 << 40) for t in split_tag]))
         leaf = cluster_sets(X, root, gamma, float(P["exponent"]), int(P["kmeans_iters"]), keys)
         # fresh ids per user, after the user's existing ones, in leaf order
-        for lf in np.unique(leaf):
-            rr = rows[leaf == lf]
-            u = int(user[rr[0]])
-            cid[rr] = next_id[u]
-            next_id[u] += 1
+        # leaves are numbered 0..L-1 in (root, tree order); a user's j-th leaf gets next_id[user] + j
+        first = np.zeros(int(leaf.max()) + 1, np.int64)
+        first[leaf[::-1]] = rows[::-1]                                       # a row of each leaf
+        order = np.argsort(user[first], kind="stable")                       # leaves by user, in order
+        lu = user[first][order]
+        starts = np.flatnonzero(np.r_[True, lu[1:] != lu[:-1]])
+        counts = np.diff(np.r_[starts, len(lu)])
+        base = np.array([next_id[int(u)] for u in lu[starts]], np.int64)
+        new_id = np.empty(len(first), np.int64)
+        new_id[order] = np.repeat(base, counts) + np.arange(len(lu)) - np.repeat(starts, counts)
+        cid[rows] = new_id[leaf]
+        next_id.update(zip(lu[starts].tolist(), (base + counts).tolist()))
         new_parts.append(_vitems_rows(beh, cid, emb, cat, cross, rows))
     if rebuild_rows:
         rows = np.concatenate(rebuild_rows)
