@@ -185,6 +185,14 @@ def test_id_index_equals_a_dict(spread):
     assert IdIndex(np.zeros(0, np.int64)).rows(query).tolist() == [-1] * len(query)
 
 
+def test_incremental_update_refuses_unsorted_behaviours():
+    from twinv2.clustering.incremental import update_chunk
+
+    beh = {"user_id": np.array([2, 1]), "ts": np.array([5, 6])}
+    with pytest.raises(ValueError, match=r"sorted by \(user_id, ts\)"):
+        update_chunk(beh, {}, {}, None, None, {"gamma": 20, "drift_threshold": 0.25}, [], 0)
+
+
 def test_empty_and_small_sets():
     X = np.zeros((0, 4), np.float32)
     assert len(cluster_sets(X, np.zeros(0, np.int64), 20, 0.3, 5, np.zeros(0, np.uint64))) == 0

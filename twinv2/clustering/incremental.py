@@ -34,9 +34,11 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
     """beh: behaviours of complete users (ts < W_new), sorted by (user, ts); old: the users' cluster
     columns in the base version; old_m: their members (user_id, ts, item_id, cluster_id), same order.
     Returns (cluster columns, cluster id per behaviour, counts)."""
+    user, ts = beh["user_id"], beh["ts"]
+    if len(user) and (user[1:] < user[:-1]).any():
+        raise ValueError("update_chunk: behaviours must be sorted by (user_id, ts)")
     gamma, thr = int(P["gamma"]), float(P["drift_threshold"])
     num_keys = list(numeric_of(beh, cross))
-    user, ts = beh["user_id"], beh["ts"]
     # members by user (stable: a user's rows keep their ts order); parts of a sharded base interleave users
     mu = np.asarray(old_m["user_id"])
     if len(mu) and (mu[1:] < mu[:-1]).any():                             # (usually sorted already)
@@ -44,8 +46,6 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
         old_m = {k: np.asarray(v)[m_order] for k, v in old_m.items()}
     n = len(user)
     cid = np.full(n, -1, np.int64)
-    if n and (user[1:] < user[:-1]).any():
-        raise ValueError("update_chunk: behaviours must be sorted by (user_id, ts)")
     ustart = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if n else np.zeros(0, np.int64)
     uu, uend = user[ustart], np.append(ustart[1:], n)                   # one run of rows per user
     # old clusters / members by user (both sorted by user)
