@@ -113,10 +113,13 @@ def _bootstrap(data: Path, val: Path, W: int, P: dict, dv: str) -> ItemEmbedding
 _CTX: dict = {}
 
 
-def _init_worker(ctx: dict) -> None:
-    import torch
+def _init_worker(ctx: dict, limit_threads: bool = True) -> None:
+    """A worker's start: the run's context, and one BLAS/OpenMP thread (n_jobs workers use n_jobs cores;
+    the k-means matmuls are small, extra threads only add overhead)."""
+    if limit_threads:
+        from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(1)
+        threadpool_limits(1)
     _CTX.clear()
     _CTX.update(ctx)
 
@@ -172,10 +175,13 @@ def _process(val: Path, ctx: dict, shard: tuple[int, int] | None, out_dir: Path,
         stats.append(st)
         i += 1
 
-    if n_jobs <= 1:
-        _init_worker(ctx)
-        for t in chunks:
-            write(_work(t))
+    if n_jobs <= 1:                                                      # in this process: limits undone after
+        from threadpoolctl import threadpool_limits
+
+        _init_worker(ctx, limit_threads=False)
+        with threadpool_limits(1):
+            for t in chunks:
+                write(_work(t))
     else:
         with ProcessPoolExecutor(n_jobs, initializer=_init_worker, initargs=(ctx,)) as pool:
             pending = []
