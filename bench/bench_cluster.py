@@ -5,8 +5,9 @@
     python -m bench.bench_cluster --check    # exit 1 when a target of issue 4 is missed
 
 Every measurement runs in its own subprocess with one thread (torch and BLAS), so "per core" figures and
-peak RSS (ru_maxrss of that process, imports included) are clean. Ratios (fast/reference, incremental/full)
-are measured inside one subprocess, on the same data, medians of `--repeats` runs where cheap.
+peak RSS (ru_maxrss of that process, imports included) are clean. Ratios (fast/reference, full/incremental)
+are measured inside one subprocess, on the same data: the median of the ratios of interleaved pairs of runs
+(at least 9 pairs where a pair is cheap), so drift and bursts of load on a shared machine cancel in a pair.
 Prints a table and JSON; writes bench/results/cluster.json.
 """
 from __future__ import annotations
@@ -158,7 +159,8 @@ def one_incremental(n: int, users: int, new_share: float, repeats: int) -> dict:
     inert_inc = mean_inertia(cl_inc["sse"], cl_inc["size"])
     return {"n": n, "users": users, "new_share": new_share, "new_behaviors": int(is_new.sum()),
             "full_s": float(np.median(tf)), "incremental_s": float(np.median(ti)),
-            "speedup": float(np.median(tf)) / float(np.median(ti)), "full_inertia": inert_full,
+            "speedup": float(np.median([f / i for f, i in zip(tf, ti)])), "pair_ratios": [f / i for f, i in zip(tf, ti)],
+            "full_inertia": inert_full,
             "incremental_inertia": inert_inc, "inertia_ratio": inert_inc / inert_full,
             "clusters_resplit": st["clusters_resplit"], "max_cluster_size": int(cl_inc["size"].max()),
             "peak_rss_mib": _rss_mib()}
@@ -198,7 +200,7 @@ def main(argv=None) -> dict:
                             ref_repeats=max(a.repeats, 9) if n <= 10_000 else min(3, a.repeats))
                        for n in speed_sizes],
            "throughput": [_sub("throughput", n=n) for n in thr_sizes],
-           "incremental": [_sub("incremental", n=n, users=u, new_share=0.01, repeats=a.repeats)
+           "incremental": [_sub("incremental", n=n, users=u, new_share=0.01, repeats=max(a.repeats, 9))
                            for n, u in ([(30_000, 3)] if a.quick else [(100_000, 10), (100_000, 1)])],
            "threads": 1, "params": P}
     print("fast vs reference (one user, one core)")
