@@ -264,10 +264,14 @@ class UserHistories:
         ts = np.asarray(ts, dtype=np.int64)
         pos = np.zeros(len(uidx), dtype=np.int64)
         bts = self.cols["ts"]
-        for i in np.unique(uidx[uidx >= 0]):
-            sel = np.nonzero(uidx == i)[0]
-            lo, hi = self.offsets[i], self.offsets[i + 1]
-            pos[sel] = np.searchsorted(bts[lo:hi], ts[sel], side="left")
+        order = np.argsort(uidx, kind="stable")                              # samples grouped by user
+        su = uidx[order]
+        starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if len(su) else su[:0]
+        for a, b in zip(starts, np.r_[starts[1:], len(su)].astype(np.int64)):   # one search per user
+            i = int(su[a])
+            if i >= 0:
+                sel = order[a:b]
+                pos[sel] = np.searchsorted(bts[self.offsets[i]:self.offsets[i + 1]], ts[sel], side="left")
         return uidx, pos
 
     def history(self, uidx: int, pos: int, last: int | None = None,
