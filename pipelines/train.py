@@ -5,7 +5,7 @@ on the train split with early stopping on validation GAUC, and writes RUNDIR/:
 
     config.json            model, params, data, cluster version, vocabulary sizes, device
     vocab.npz              the exact vocabulary (evaluation and serving rebuild batches with it)
-    checkpoints/epoch-NNNN.pt   one per epoch (atomic), --resume continues from the last
+    checkpoints/epoch-NNNN.pt   one per epoch (atomic; the newest train.keep_checkpoints kept), --resume continues from the last
     model.pt               best weights (state dict; torch.load(weights_only=True))
     item_embeddings.npz    item_id (N,), emb (N, d), version  -> `twinv2 cluster --embeddings RUNDIR`
     train_metrics.json     the report

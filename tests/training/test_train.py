@@ -54,7 +54,8 @@ def test_outputs_and_metrics_contract(planted_ro, small_params, tmp_path):
     z = np.load(out / "item_embeddings.npz")
     assert z["item_id"].dtype == np.int64 and z["emb"].dtype == np.float32
     assert z["emb"].shape == (len(z["item_id"]), small_params["model"]["embed_dim"]) and str(z["version"])
-    assert len(list((out / "checkpoints").glob("epoch-*.pt"))) == rep["epochs_run"]
+    kept = sorted(f.name for f in (out / "checkpoints").glob("epoch-*.pt"))   # the newest keep_checkpoints (2)
+    assert kept == [f"epoch-{e:04d}.pt" for e in range(rep["epochs_run"] - 1, rep["epochs_run"] + 1)]
     assert rep["cluster_version"]
     m = evaluate.run(planted_ro, out, params=small_params)
     for key in ("model", "auc", "gauc", "logloss", "oracle_auc", "oracle_gap", "by_group", "diversity"):
@@ -74,7 +75,7 @@ def test_outputs_and_metrics_contract(planted_ro, small_params, tmp_path):
 
 def test_resume_reaches_the_same_result(planted_ro, small_params, tmp_path):
     p = small_params
-    p["train"]["epochs"] = 3
+    p["train"].update(epochs=3, keep_checkpoints=0)                    # keep every epoch: crash after epoch 1
     full = tmp_path / "full"
     rep = train.run(planted_ro, "twin", full, params=p)
     # crash after epoch 1: only its checkpoint survives
@@ -92,6 +93,17 @@ def test_resume_reaches_the_same_result(planted_ro, small_params, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert rep2["history"] == rep["history"][:1] + rep2["history"][1:]
     assert [h["valid_gauc"] for h in rep2["history"]] == [h["valid_gauc"] for h in rep["history"]]
+    # by default only the newest checkpoints stay, and the newest alone resumes a finished run to itself
+    p["train"]["keep_checkpoints"] = 1
+    pruned = tmp_path / "pruned"
+    train.run(planted_ro, "twin", pruned, params=p)
+    assert sorted(f.name for f in (pruned / "checkpoints").iterdir()) == ["epoch-0003.pt"]
+    rep3 = train.run(planted_ro, "twin", pruned, params=p, resume=True)
+    assert rep3["resumed_from_epoch"] == 3
+    assert [(h["train_loss"], h["valid_gauc"]) for h in rep3["history"]] == \
+        [(h["train_loss"], h["valid_gauc"]) for h in rep["history"]]
+    c = torch.load(pruned / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_errors_name_what_is_missing(tiny_validated_ro, small_params, tmp_path):

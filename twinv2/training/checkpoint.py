@@ -1,4 +1,5 @@
-"""Checkpoints: one file per epoch, written atomically, loadable with torch.load(weights_only=True).
+"""Checkpoints: one file per epoch, written atomically, loadable with torch.load(weights_only=True); only the
+newest `train.keep_checkpoints` (default 2) are kept.
 
 A checkpoint holds everything `--resume` needs to continue to the same result as an uninterrupted run:
 model and optimizer state, the epoch reached, the early-stopping state (best GAUC, its epoch and
@@ -35,6 +36,20 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
         return None
     found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
     return found[-1][1] if found else None
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` epoch checkpoints (keep <= 0: delete none). Each checkpoint holds
+    everything --resume needs (best weights included), so the newest one is enough; keeping two covers a
+    disk lost mid-write of the newest. Returns the deleted paths."""
+    d = Path(ckpt_dir)
+    if keep <= 0 or not d.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
+    old = [p for _, p in found[:-keep]]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
 
 
 def load_checkpoint(path: str | Path) -> dict:

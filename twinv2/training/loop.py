@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from twinv2.metrics.ctr import auc, gauc, logloss
-from twinv2.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from twinv2.training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from twinv2.training.ddp import DistInfo, barrier, unwrap
 from twinv2.training.samples import to_device
 
@@ -36,6 +36,7 @@ class TrainConfig:
     grad_clip: float = 0.0           # 0: off
     log_every: int = 20              # steps between per-step metric callbacks
     progress: bool = True
+    keep_checkpoints: int = 2        # newest epoch checkpoints kept (each is enough to resume); 0: all
 
     @classmethod
     def from_params(cls, p: dict) -> "TrainConfig":
@@ -174,6 +175,7 @@ def fit(model: torch.nn.Module, train_loader, valid_loader, cfg: TrainConfig, ck
         if info.is_main:
             save_checkpoint(ckpt_dir, epoch, {"model": net.state_dict(), "optimizer": opt.state_dict(),
                                               "best_model": best_weights, "rng": torch.get_rng_state(), **state})
+            prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
             if on_epoch:
                 on_epoch(epoch, rec)
         barrier(info)
