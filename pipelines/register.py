@@ -22,7 +22,7 @@ from twinv2.io import read_json
 
 from pipelines import tracking
 
-MODEL_ARTIFACTS = "model"
+MODEL_ARTIFACTS = "registry_model"
 
 
 def test_gauc(metrics: dict) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import register
 from pipelines.services import AirflowServices, MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -120,9 +121,8 @@ def test_trigger_daily_through_rest_and_read_back_mlflow(airflow, mlflow_server,
     champ = c.get_model_version_by_alias("twinv2", "champion")
     chall = c.get_model_version_by_alias("twinv2", "challenger")
     assert str(champ.version) == str(chall.version) == "1"
-    import mlflow
-
-    # the registered version's files, listed straight from the run's artifact store on the server
-    root = c.get_run(champ.run_id).info.artifact_uri
-    files = {a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=f"{root}/model")}
-    assert any(f.split("/")[-1] == "model.pt" for f in files), files
+    # the registered version's files, through the client (its own artifact folder: no clash with the run's
+    # logged pyfunc model "model", which made list_artifacts(run, "model") look up a missing logged model)
+    files = {a.path for a in c.list_artifacts(champ.run_id, register.MODEL_ARTIFACTS)}
+    assert f"{register.MODEL_ARTIFACTS}/model.pt" in files, files
+    assert champ.source.rstrip("/").endswith(f"/{register.MODEL_ARTIFACTS}")
