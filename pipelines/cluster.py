@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from twinv2.clustering import chunk as C
 from twinv2.clustering import store
-from twinv2.clustering.embeddings import ItemEmbedding, bootstrap, load_npz
+from twinv2.clustering.embeddings import ItemEmbedding, bootstrap, from_checkpoint, load_npz
 from twinv2.config import load_params
 from twinv2.data.schema import DatasetPaths
 from twinv2.data.store import iter_user_chunks, parse_shard, read_table
@@ -72,7 +72,8 @@ def _digest(obj: Any) -> str:
 
 
 def _load_external_embeddings(spec: str) -> ItemEmbedding:
-    """A file, a run directory holding item_embeddings.npz, or an MLflow URI whose artifacts hold one."""
+    """An item_embeddings.npz, a run directory holding one, a trained model's weights (RUN/model.pt or
+    RUN/checkpoints/epoch-NNNN.pt), or an MLflow URI whose artifacts hold an item_embeddings.npz."""
     if "://" in spec or spec.startswith(("runs:/", "models:/")):
         import tempfile
 
@@ -84,6 +85,8 @@ def _load_external_embeddings(spec: str) -> ItemEmbedding:
         if not found:
             raise FileNotFoundError(f"{spec}: the MLflow artifacts hold no item_embeddings.npz")
         return load_npz(found[0], source=spec)
+    if Path(spec).suffix == ".pt":
+        return from_checkpoint(spec)
     return load_npz(spec, source=str(spec))
 
 

@@ -207,6 +207,21 @@ def test_embeddings_file_and_version_change_rebuild(world, cparams, tmp_path):
                   "test").save(run_dir / "item_embeddings.npz")
     inc = cluster.run(world, incremental=True, params=cparams, embeddings=str(run_dir / "item_embeddings.npz"))
     assert inc["incremental_stats"]["users_rebuilt"] == inc["n_users"]
+    # a trained model's weights: the item table of model.pt, mapped to ids by the run's vocab.npz
+    import torch
+
+    from twinv2.training.samples import Vocab
+
+    items_df = read_table(world / "validated" / "items.parquet", "items").to_pandas()
+    Vocab.build(items_df).save(run_dir / "vocab.npz")
+    table = torch.randn(len(items) + 2, 8)
+    torch.save({"features.item.weight": table, "head.bias": torch.zeros(1)}, run_dir / "model.pt")
+    third = cluster.run(world, incremental=True, params=cparams, embeddings=str(run_dir / "model.pt"))
+    man = read_json(store.version_dir(world, third["version"]) / "manifest.json")
+    assert man["embedding"]["source"] == str(run_dir / "model.pt") and man["embedding"]["version"].startswith("run-")
+    assert third["incremental_stats"]["users_rebuilt"] == third["n_users"]          # a new embedding version
+    used = load_npz(store.version_dir(world, third["version"]) / "embeddings.npz")
+    assert np.allclose(used.emb, table[1:len(items) + 1].numpy())
 
 
 def test_clear_errors(tmp_path, cparams, world):

@@ -56,6 +56,18 @@ def test_outputs_and_metrics_contract(planted_ro, small_params, tmp_path):
     assert z["emb"].shape == (len(z["item_id"]), small_params["model"]["embed_dim"]) and str(z["version"])
     kept = sorted(f.name for f in (out / "checkpoints").glob("epoch-*.pt"))   # the newest keep_checkpoints (2)
     assert kept == [f"epoch-{e:04d}.pt" for e in range(rep["epochs_run"] - 1, rep["epochs_run"] + 1)]
+    # `twinv2 cluster --embeddings` reads the same table from the weights: model.pt or an epoch checkpoint
+    from twinv2.clustering.embeddings import from_checkpoint, load_npz
+
+    saved, weights = load_npz(out), from_checkpoint(out / "model.pt")
+    assert weights.version == saved.version == rep["embedding_version"]
+    assert np.array_equal(weights.item_id, saved.item_id) and np.array_equal(weights.emb, saved.emb)
+    ck = torch.load(out / "checkpoints" / kept[-1], weights_only=True)
+    epoch = from_checkpoint(out / "checkpoints" / kept[-1])
+    np.testing.assert_array_equal(epoch.emb, ck["model"]["features.item.weight"][1:len(saved.item_id) + 1].numpy())
+    (tmp_path / "stray.pt").write_bytes(b"")                            # weights without their run
+    with pytest.raises(FileNotFoundError, match="vocab.npz"):
+        from_checkpoint(tmp_path / "stray.pt")
     assert rep["cluster_version"]
     m = evaluate.run(planted_ro, out, params=small_params)
     for key in ("model", "auc", "gauc", "logloss", "oracle_auc", "oracle_gap", "by_group", "diversity"):

@@ -110,6 +110,33 @@ def load_npz(path: str | Path, source: str | None = None) -> ItemEmbedding:
     return ItemEmbedding(item_id[order], emb[order], version, source or src)
 
 
+def from_checkpoint(path: str | Path) -> ItemEmbedding:
+    """The item-id embedding table of trained weights: RUN/model.pt (the run's best weights) or an epoch
+    checkpoint RUN/checkpoints/epoch-NNNN.pt (that epoch's weights), rows mapped to item ids by the run's
+    vocab.npz. Version `<run name>-<hash of the weights>`: for model.pt the version training wrote into
+    item_embeddings.npz (tested)."""
+    from twinv2.training.checkpoint import load_checkpoint, state_hash
+    from twinv2.training.samples import Vocab
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such checkpoint; expected RUN/model.pt or RUN/checkpoints/epoch-NNNN.pt")
+    run = next((d for d in (p.parent, p.parent.parent) if (d / "vocab.npz").is_file()), None)
+    if run is None:
+        raise FileNotFoundError(f"{p}: no vocab.npz beside it or in its run directory; expected the model.pt "
+                                "or checkpoints/epoch-NNNN.pt of a `twinv2 train` run")
+    sd = load_checkpoint(p)
+    if isinstance(sd.get("model"), dict):                                 # an epoch checkpoint
+        sd = sd["model"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}           # saved from a DDP wrapper
+    if "features.item.weight" not in sd:
+        raise ValueError(f"{p}: no features.item.weight in the weights; expected a twinv2 model's state dict")
+    item_ids = Vocab.load(run / "vocab.npz").item_ids.astype(np.int64)
+    table = sd["features.item.weight"].detach().float().cpu().numpy()
+    return ItemEmbedding(item_ids, table[1:len(item_ids) + 1].astype(np.float32), f"{run.name}-{state_hash(sd)}",
+                         str(p))
+
+
 def bootstrap(chunks: Iterable[dict[str, np.ndarray]], items_id: np.ndarray, items_category: np.ndarray,
               dim: int, seed: int, version: str, window: int = 5) -> ItemEmbedding:
     """SVD of item co-occurrence. chunks: dicts with user_id, item_id (sorted by user, ts; ts < W)."""
