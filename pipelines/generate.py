@@ -99,7 +99,7 @@ def run(preset: str, out: str | Path, seed: int | None = None, params: dict | No
         write_table(raw / "impressions.parquet", pa.table(imp), "impressions")
         meta = {"source": f"synthetic:{preset}", "preset": preset, "seed": seed,
                 "history_start_ms": cfg.history_start_ms, "history_end_ms": cfg.history_end_ms,
-                "end_ms": cfg.end_ms, "train_end_ms": cfg.train_end_ms, "valid_end_ms": cfg.valid_end_ms,
+                "end_ms": cfg.end_ms, "valid_start_ms": cfg.train_end_ms, "test_start_ms": cfg.valid_end_ms,
                 "extra_behavior_columns": ["liked", "true_interest"],
                 "config": dataclasses.asdict(cfg)}
         write_json(raw / "meta.json", meta)

@@ -145,10 +145,10 @@ def test_sorted_by_user_ts_and_time_windows(tiny_world_ro):
         assert ts.min() >= meta["history_start_ms"] and ts.max() < meta["end_ms"]
     imps = pq.read_table(raw / "impressions.parquet").to_pandas()
     assert (imps.ts >= meta["history_end_ms"]).all() and (imps.ts < meta["end_ms"]).all()
-    assert (imps.loc[imps.split == "train", "ts"] < meta["train_end_ms"]).all()
+    assert (imps.loc[imps.split == "train", "ts"] < meta["valid_start_ms"]).all()
     v = imps[imps.split == "valid"].ts
-    assert ((v >= meta["train_end_ms"]) & (v < meta["valid_end_ms"])).all()
-    assert (imps.loc[imps.split == "test", "ts"] >= meta["valid_end_ms"]).all()
+    assert ((v >= meta["valid_start_ms"]) & (v < meta["test_start_ms"])).all()
+    assert (imps.loc[imps.split == "test", "ts"] >= meta["test_start_ms"]).all()
     assert set(imps.split) == {"train", "valid", "test"}
     # users keep watching during the impression window (incremental clustering consumes these)
     assert _report(tiny_world_ro)["n_behaviors_impression_window"] > 0

@@ -124,12 +124,14 @@ def test_future_ts_is_its_own_expectation(world, tmp_path, vparams):
     assert read_quarantine(tmp_path, "behaviors")["expectation"].tolist() == ["ts_not_future"]
 
 
-def test_split_edges_from_meta(world, tmp_path, vparams):
-    world.meta.update(valid_start_ms=HIST_END + 6 * DAY, test_start_ms=TEST_START)
+@pytest.mark.parametrize("names", [("valid_start_ms", "test_start_ms"), ("train_end_ms", "valid_end_ms")])
+def test_split_edges_from_meta(world, tmp_path, vparams, names):
+    """The edges generate and ingest write, and the older names generate wrote before 2026-11-29."""
+    world.meta.update({names[0]: HIST_END + 6 * DAY, names[1]: TEST_START})
     world.impressions.loc[50, "ts"] = TEST_START + 1          # a valid row inside the test period
     r = run_world(world, tmp_path, vparams)
     expect_counts(r, "impressions", 1, split_time_order=1)
-    assert r["tables"]["impressions"]["table_level"]["split_edges"]["source"].startswith("meta.json")
+    assert r["tables"]["impressions"]["table_level"]["split_edges"]["source"] == f"meta.json {names[0]}/{names[1]}"
 
 
 # ------------------------------------------------------------------ combinations

@@ -245,7 +245,8 @@ def validate_dataset(data: str | Path, params: dict | None = None) -> dict[str, 
 
 
 def _split_edges(meta: dict, imps: pa.Table) -> tuple[tuple[int, int] | None, str]:
-    # ingest writes valid_start_ms/test_start_ms, generate train_end_ms/valid_end_ms (the same edges)
+    # generate and ingest write valid_start_ms/test_start_ms; generate wrote train_end_ms/valid_end_ms (the
+    # same edges) before 2026-11-29, still read for data directories of that time
     for v, t in (("valid_start_ms", "test_start_ms"), ("train_end_ms", "valid_end_ms")):
         if isinstance(meta.get(v), int) and isinstance(meta.get(t), int):
             return (meta[v], meta[t]), f"meta.json {v}/{t}"
