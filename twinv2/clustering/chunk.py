@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from twinv2.clustering.embeddings import IdIndex, ItemEmbedding
+from twinv2.clustering.embeddings import ById, ItemEmbedding
 from twinv2.clustering.grouping import completion, group_of
 from twinv2.clustering.hierarchical import cluster_behaviours
 from twinv2.clustering.virtual_items import virtual_items
@@ -18,7 +18,7 @@ BEHAVIOUR_COLUMNS = ["user_id", "item_id", "ts", "play_ms", "duration_ms"]
 
 
 @dataclass
-class Catalogue:
+class Catalogue(ById):
     """item_id -> (author_id, category), sorted by item_id; unknown items get -1."""
 
     item_id: np.ndarray
@@ -32,15 +32,10 @@ class Catalogue:
         return cls(ids[order], t.column("author_id").to_numpy().astype(np.int64)[order],
                    t.column("category").to_numpy().astype(np.int32)[order])
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_index"}
-
     def lookup(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not len(self.item_id):
             return np.full(len(item_ids), -1, np.int64), np.full(len(item_ids), -1, np.int32)
-        if self.__dict__.get("_index") is None:
-            self._index = IdIndex(self.item_id)                           # built on first use, not pickled
-        pos = self._index.rows(item_ids)
+        pos = self._rows(item_ids)
         hit = pos >= 0
         return (np.where(hit, self.author_id[pos], -1).astype(np.int64),
                 np.where(hit, self.category[pos], -1).astype(np.int32))

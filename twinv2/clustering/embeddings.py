@@ -43,8 +43,21 @@ class IdIndex:
         return np.where(self.ids[pos] == ids, pos, -1)
 
 
+class ById:
+    """For tables sorted by `item_id`: `_rows(ids)` through an IdIndex built on first use (not pickled:
+    a worker process builds its own)."""
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        if self.__dict__.get("_index") is None:
+            self._index = IdIndex(self.item_id)
+        return self._index.rows(ids)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_index"}
+
+
 @dataclass
-class ItemEmbedding:
+class ItemEmbedding(ById):
     item_id: np.ndarray          # (N,) int64, sorted
     emb: np.ndarray              # (N, d) float32
     version: str
@@ -54,15 +67,10 @@ class ItemEmbedding:
     def dim(self) -> int:
         return int(self.emb.shape[1])
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_index"}
-
     def lookup(self, item_ids: np.ndarray) -> np.ndarray:
         """(n, d) float32 embeddings; ids not in the table get the hashed fallback vector."""
         ids = np.asarray(item_ids, np.int64)
-        if self.__dict__.get("_index") is None:
-            self._index = IdIndex(self.item_id)                           # built on first use, not pickled
-        pos = self._index.rows(ids)
+        pos = self._rows(ids)
         hit = pos >= 0
         if hit.all():
             return self.emb[pos].astype(np.float32, copy=False)

@@ -24,6 +24,7 @@ from twinv2.clustering.chunk import Catalogue, numeric_of, vitems
 from twinv2.clustering.embeddings import ItemEmbedding
 from twinv2.clustering.hierarchical import cluster_behaviours, cluster_sets
 from twinv2.clustering.kmeans import root_keys
+from twinv2.data.store import run_starts
 
 _RESPLIT_SALT = 0x5EED
 _ID_SPAN = np.int64(1) << np.int64(31)                                    # user * span + cluster id: one sort key
@@ -46,7 +47,7 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
         old_m = {k: np.asarray(v)[m_order] for k, v in old_m.items()}
     n = len(user)
     cid = np.full(n, -1, np.int64)
-    ustart = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if n else np.zeros(0, np.int64)
+    ustart = run_starts(user)
     uu, uend = user[ustart], np.append(ustart[1:], n)                   # one run of rows per user
     # old clusters / members by user (both sorted by user)
     okey = np.asarray(old["user_id"], np.int64) * _ID_SPAN + old["cluster_id"]  # one sort key per old cluster
@@ -126,7 +127,7 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
         rb, cb = r_all[sel_big], cand[sel_big]
         o = np.argsort(rb, kind="stable")                                          # members in row order
         rb, cb = rb[o], cb[o]
-        cuts = np.flatnonzero(np.r_[True, rb[1:] != rb[:-1]]) if len(rb) else np.zeros(0, np.int64)
+        cuts = run_starts(rb)
         for r, part in zip(rb[cuts], np.split(cb, cuts[1:])):                       # grown past gamma
             keep_old[r] = False
             split_rows.append(part)
@@ -143,9 +144,10 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
             dist = ((Xm - c_new[pos]) ** 2).sum(1)
             order = np.argsort(r_mem, kind="stable")                         # by cluster, then member
             r_s, d_s = r_mem[order], dist[order]
-            starts = np.flatnonzero(np.r_[True, r_s[1:] != r_s[:-1]])
-            at_min = np.flatnonzero(d_s == np.repeat(np.minimum.reduceat(d_s, starts), np.diff(np.r_[starts, len(d_s)])))
-            first = at_min[np.r_[True, r_s[at_min][1:] != r_s[at_min][:-1]]]   # earliest member at the min
+            starts = run_starts(r_s)
+            d_min = np.repeat(np.minimum.reduceat(d_s, starts), np.diff(np.r_[starts, len(d_s)]))
+            at_min = np.flatnonzero(d_s == d_min)
+            first = at_min[run_starts(r_s[at_min])]                           # earliest member at the min
             best, r_best = mem[order][first], r_s[first]
             old["item_id"][r_best] = beh["item_id"][best]
             a, c = cat.lookup(beh["item_id"][best])
@@ -165,7 +167,7 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
         first[leaf[::-1]] = rows[::-1]                                       # a row of each leaf
         order = np.argsort(user[first], kind="stable")                       # leaves by user, in order
         lu = user[first][order]
-        starts = np.flatnonzero(np.r_[True, lu[1:] != lu[:-1]])
+        starts = run_starts(lu)
         counts = np.diff(np.r_[starts, len(lu)])
         base = np.array([next_id[int(u)] for u in lu[starts]], np.int64)
         new_id = np.empty(len(first), np.int64)

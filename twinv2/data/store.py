@@ -42,6 +42,12 @@ def stable_hash(user_ids: np.ndarray | Sequence[int]) -> np.ndarray:
     return x
 
 
+def run_starts(values: np.ndarray) -> np.ndarray:
+    """Start index of each run of equal consecutive values (e.g. each user's rows in a user-sorted column)."""
+    v = np.asarray(values)
+    return np.flatnonzero(np.r_[True, v[1:] != v[:-1]]) if len(v) else np.zeros(0, np.int64)
+
+
 def shard_of(user_ids: np.ndarray | Sequence[int], n_shards: int) -> np.ndarray:
     """Shard index in [0, n_shards) of each user id (stable hash)."""
     if n_shards < 1:
@@ -266,7 +272,7 @@ class UserHistories:
         bts = self.cols["ts"]
         order = np.argsort(uidx, kind="stable")                              # samples grouped by user
         su = uidx[order]
-        starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if len(su) else su[:0]
+        starts = run_starts(su)
         for a, b in zip(starts, np.r_[starts[1:], len(su)].astype(np.int64)):   # one search per user
             i = int(su[a])
             if i >= 0:
