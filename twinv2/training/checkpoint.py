@@ -29,24 +29,28 @@ def save_checkpoint(ckpt_dir: str | Path, epoch: int, state: dict) -> Path:
     return path
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The checkpoint of the highest epoch in ckpt_dir, or None."""
+def _epoch_files(ckpt_dir: str | Path) -> list[Path]:
+    """The epoch checkpoints in ckpt_dir, oldest first (none when the directory is missing)."""
     d = Path(ckpt_dir)
     if not d.is_dir():
-        return None
+        return []
     found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
-    return found[-1][1] if found else None
+    return [p for _, p in found]
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint of the highest epoch in ckpt_dir, or None."""
+    found = _epoch_files(ckpt_dir)
+    return found[-1] if found else None
 
 
 def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` epoch checkpoints (keep <= 0: delete none). Each checkpoint holds
     everything --resume needs (best weights included), so the newest one is enough; keeping two covers a
     disk lost mid-write of the newest. Returns the deleted paths."""
-    d = Path(ckpt_dir)
-    if keep <= 0 or not d.is_dir():
+    if keep <= 0:
         return []
-    found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
-    old = [p for _, p in found[:-keep]]
+    old = _epoch_files(ckpt_dir)[:-keep]
     for p in old:
         p.unlink(missing_ok=True)
     return old
