@@ -17,62 +17,31 @@ Parameters of the trigger form default to params.yaml. This file stays thin: no 
 """
 from __future__ import annotations
 
+import sys
+
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import yaml
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, get_current_context, task
 
-_PARAMS = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text()) or {}
-_AF = _PARAMS.get("airflow", {})
+if str(Path(__file__).resolve().parent) not in sys.path:  # the DAG folder is not on sys.path in every parser
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import twinv2_common as common  # noqa: E402
 
-DEFAULT_ARGS = {
-    "owner": "twinv2",
-    "retries": int(_AF.get("retries", 2)),
-    "retry_delay": timedelta(seconds=float(_AF.get("retry_delay_s", 30))),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
-
-PARAMS = {
-    "data": Param(_AF.get("data_dir", "data/world"), type="string",
-                  description="dataset directory (relative to the repository), holding raw/"),
-    "runs": Param(_AF.get("runs_dir", "runs"), type="string", description="where run directories go"),
-    "models": Param(list(_AF.get("models", ["twinv2", "twin"])), type="array",
-                    description="models to train and evaluate (TWIN-V2 is registered)"),
-    "params_file": Param("", type="string", description="another params.yaml (empty: the repository's)"),
-    "train_epochs": Param(_PARAMS.get("train", {}).get("epochs"), type=["null", "integer"],
-                          description="train.epochs"),
-    "train_lr": Param(_PARAMS.get("train", {}).get("lr"), type=["null", "number"], description="train.lr"),
-    "n_shards": Param(_PARAMS.get("cluster", {}).get("n_shards"), type=["null", "integer"], minimum=1,
-                      description="cluster.n_shards: parallel clustering tasks"),
-    "champion_margin": Param(_PARAMS.get("register", {}).get("champion_margin"), type=["null", "number"],
-                             description="register.champion_margin (GAUC)"),
-    "overrides": Param({}, type="object", description='more params.yaml overrides, e.g. {"model.topk": 20}'),
-}
+PARAMS = common.params(data_doc="raw/", models=True, training=True, overrides_example='{"model.topk": 20}')
+# daily at midnight UTC, and as soon as the weekly re-clustering publishes a new cluster version
+SCHEDULE = AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 0 * * *", timezone="UTC"),
+                               assets=common.CLUSTER_VERSION)
 
 
-def _ctx() -> tuple[dict, dict]:
-    from pipelines import tracking
-
-    context = get_current_context()
-    return tracking.airflow_context(context), tracking.dag_settings(context["params"])
-
-
-@dag(dag_id="twinv2_daily", schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False,
-     max_active_runs=1, default_args=DEFAULT_ARGS, params=PARAMS, doc_md=__doc__, tags=["twinv2"],
+@dag(dag_id="twinv2_daily", schedule=SCHEDULE, start_date=datetime(2026, 1, 1), catchup=False,
+     max_active_runs=1, default_args=common.DEFAULT_ARGS, params=PARAMS, doc_md=__doc__, tags=["twinv2"],
      dagrun_timeout=timedelta(hours=6))
 def twinv2_daily():
     @task(retries=0)
     def start() -> dict:
-        """Open (or find again) the MLflow parent run of this DAG run."""
-        from pipelines import tracking
-
-        ctx, params = _ctx()
-        p = get_current_context()["params"]
-        data = tracking.resolve(p["data"])
-        parent = tracking.parent_run(ctx, data=data, params=params)
-        return {"parent": parent, "data": str(data), "runs": p["runs"], "models": list(p["models"])}
+        """Open (or find again) the MLflow parent run of this DAG run; check the data/runs paths."""
+        return common.start_info()
 
     @task(retries=0, doc_md="Validate DIR/raw into validated/ + quarantine/. A table-level failure stops "
                             "the DAG run here (AirflowFailException): nothing is clustered or trained.")
@@ -82,7 +51,7 @@ def twinv2_daily():
         from pipelines import tracking, validate as stage
         from twinv2.errors import ValidationFailed
 
-        ctx, params = _ctx()
+        ctx, params = common.ctx()
         reports = Path(info["data"]) / "reports"
         try:
             rep = tracking.run_stage(ctx, info["parent"], "validate", stage.run, data=info["data"],
@@ -96,48 +65,28 @@ def twinv2_daily():
     @task
     def plan_shards(info: dict, validated: dict) -> list[str]:
         """One clustering task per user shard (cluster.n_shards)."""
-        _, params = _ctx()
-        n = int(params["cluster"].get("n_shards", 1))
-        return [f"{i}/{n}" for i in range(n)]
+        return common.shards()
 
-    @task(doc_md="Cluster one shard of users: incremental when a cluster version exists, else full.")
+    @task(doc_md="Cluster one shard of users: incremental when a cluster version exists, else full.",
+          map_index_template="{{ label }}")
     def cluster_shard(info: dict, shard: str) -> dict:
-        from pipelines import cluster as stage, tracking
-
-        ctx, params = _ctx()
-        incremental = (Path(info["data"]) / "clusters" / "CURRENT").exists()
-        rep = tracking.run_stage(ctx, info["parent"], "cluster", stage.run, key=shard, data=info["data"],
-                                 tags={"incremental": incremental},
-                                 kwargs={"data": info["data"], "incremental": incremental, "shard": shard,
-                                    "params": params})
-        return {"shard": shard, "incremental": incremental, "version": rep["version"],
-                "summary": rep.get("summary", "")}
+        return common.cluster_shard(info, shard, incremental=(Path(info["data"]) / "clusters" / "CURRENT").exists())
 
     @task(doc_md="Publish the cluster version built by the shard tasks (DIR/clusters/CURRENT).")
     def finalize_clusters(info: dict, shards) -> dict:
-        shards = list(shards)
-        from pipelines import cluster as stage, tracking
-
-        ctx, params = _ctx()
-        versions = {s["version"] for s in shards}
-        if len(versions) != 1:
-            raise RuntimeError(f"shard tasks built different cluster versions {sorted(versions)}: inputs changed "
-                               "between shards; clear the run and retry")
-        reports = Path(info["data"]) / "reports"
-        rep = tracking.run_stage(ctx, info["parent"], "cluster_finalize", stage.finalize, data=info["data"],
-                                 artifacts=[reports / "cluster.json"],
-                                 kwargs={"data": info["data"], "version": versions.pop(), "params": params})
-        return {"summary": rep.get("summary", ""), "version": rep.get("version"), "shards": len(shards)}
+        return common.finalize_clusters(info, shards)
 
     @task
     def plan_models(info: dict, clusters: dict) -> list[str]:
         return list(info["models"])
 
-    @task(doc_md="Train one model; TWIN-V2 starts from the champion's checkpoint when there is one.")
+    @task(doc_md="Train one model; TWIN-V2 starts from the champion's checkpoint when there is one.",
+          map_index_template="{{ label }}")
     def train(info: dict, model: str) -> dict:
         from pipelines import register, tracking, train as stage
 
-        ctx, params = _ctx()
+        common.label(model)
+        ctx, params = common.ctx()
         out = tracking.run_dir(info["runs"], ctx, model)
         warm = register.champion_checkpoint(params, model)
         resume = (out / "model.pt").exists() or any(out.glob("checkpoint*"))
@@ -148,36 +97,41 @@ def twinv2_daily():
                               "resume": resume, "warm_start": warm})
         return {"model": model, "run": str(out)}
 
-    @task(doc_md="Offline metrics of one model on the test split (same metric names for every model).")
+    @task(doc_md="Offline metrics of one model on the test split (same metric names for every model).",
+          map_index_template="{{ label }}")
     def evaluate(info: dict, trained: dict) -> dict:
         from pipelines import evaluate as stage, tracking
 
-        ctx, params = _ctx()
+        common.label(trained["model"])
+        ctx, params = common.ctx()
         run = Path(trained["run"])
         rep = tracking.run_stage(ctx, info["parent"], "evaluate", stage.run, key=trained["model"],
-                                 data=info["data"], tags={"model": trained["model"], "run_dir": run},
+                                 data=info["data"], params=params, tags={"model": trained["model"], "run_dir": run},
                                  artifacts=[run / "metrics.json", run / "plots"],
                                  bind_run=True,
                                  kwargs={"data": info["data"], "run": run, "params": params})
         return {**trained, "summary": rep.get("summary", "")}
 
-    @task(doc_md="Register TWIN-V2 as `challenger`; move `champion` only on a GAUC improvement.")
+    @task(doc_md="Register TWIN-V2 as `challenger`; move `champion` only on a GAUC improvement.",
+          outlets=[common.CHAMPION])
     def register(info: dict, evaluated: list[dict]) -> dict:
         from pipelines import register as stage, tracking
 
-        ctx, params = _ctx()
+        ctx, params = common.ctx()
         name = params.get("register", {}).get("model_name", "twinv2")
         runs = [e for e in evaluated if e["model"] == name]
         if not runs:
             from airflow.sdk.exceptions import AirflowSkipException
 
             raise AirflowSkipException(f"model {name!r} was not trained in this run: nothing to register")
-        rep = tracking.run_stage(ctx, info["parent"], "register", stage.run, data=info["data"],
+        rep = tracking.run_stage(ctx, info["parent"], "register", stage.run, data=info["data"], params=params,
                                  kwargs={"run": runs[0]["run"], "data": info["data"], "params": params})
         tracking.close_parent(info["parent"], {e["model"]: e["run"] for e in evaluated})
         from twinv2.io import write_json
 
         write_json(Path(runs[0]["run"]).parent / "register.json", rep)
+        get_current_context()["outlet_events"][common.CHAMPION].extra = {
+            "champion": rep["champion"], "challenger": rep["version"], "promoted": rep["promoted"]}
         return rep
 
     info = start()

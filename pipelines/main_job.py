@@ -62,6 +62,9 @@ def table(runs: dict[str, Path]) -> str:
 def run_daily(data: Path, runs: Path, home: Path, conf_extra: dict | None = None, timeout: float = 3000) -> str:
     """`airflow dags test twinv2_daily` with the given conf; returns the Airflow run id (runs/ dir name)."""
     env = airflow_env(home)
+    # the paths given here (command line / caller) are trusted: allow them for the DAG's path Params
+    extra = [str(Path(data).resolve().parent), str(Path(runs).resolve())]
+    env[tracking.ALLOWED_ROOTS_ENV] = os.pathsep.join(filter(None, [env.get(tracking.ALLOWED_ROOTS_ENV), *extra]))
     home.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
                        text=True, timeout=600)

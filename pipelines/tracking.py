@@ -26,6 +26,13 @@ from twinv2.config import REPO_ROOT
 
 EXPERIMENT = "twinv2"
 MLFLOW_DIR = REPO_ROOT / "mlflow"
+# MLflow 3's UI opens an experiment on its runs (not the GenAI overview) when it carries this kind.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# params.yaml sections each stage's run carries (the parent run carries all of them)
+STAGE_SECTIONS = {"validate": ("validate",), "cluster": ("cluster",), "cluster_finalize": ("cluster",),
+                  "train": ("model", "train"), "evaluate": ("evaluate",), "register": ("register",)}
+# report keys that are settings echoed back, not measurements: never logged as metrics (they are params)
+SETTING_KEYS = {"params", "pool", "top_n", "k", "seed", "calibration", "plots", "history"}
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -49,15 +56,42 @@ def client():
 def experiment_id(c, name: str = EXPERIMENT) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        for k, v in EXPERIMENT_KIND.items():       # stores made before the kind was set
+            if exp.tags.get(k) != v:
+                c.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     artifact_location = None
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):  # a local store keeps its artifacts beside the database
         artifact_location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
     try:
-        return c.create_experiment(name, artifact_location=artifact_location)
+        return c.create_experiment(name, artifact_location=artifact_location, tags=dict(EXPERIMENT_KIND))
     except Exception:  # created concurrently by another task
         return c.get_experiment_by_name(name).experiment_id
+
+
+def use_store() -> str:
+    """Point the fluent `mlflow` API at the configured store and the `twinv2` experiment (a stage that
+    opens its own run: the CLI / DVC path). Returns the experiment id."""
+    c = client()
+    exp = experiment_id(c)
+    import mlflow
+
+    if not os.environ.get("MLFLOW_EXPERIMENT_ID") and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        mlflow.set_experiment(experiment_id=exp)
+    return exp
+
+
+def tracking_wanted() -> bool:
+    """Stages log to MLflow inside an orchestrated run (MLFLOW_RUN_ID / an active run), when a tracking URI
+    is set, or when TWINV2_MLFLOW=1 (the DVC stages set it: they log to the default store)."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_RUN_ID"):
+        return True
+    if os.environ.get("TWINV2_MLFLOW", "").lower() in ("1", "true", "yes"):
+        return True
+    import sys
+
+    return "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None
 
 
 # ------------------------------------------------------------------------------------ provenance tags
@@ -101,6 +135,30 @@ def data_hash(data: str | Path, sub: str = "raw") -> str:
         digest = hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest()
         _HASH_CACHE[key] = digest + ".dir"
     return _HASH_CACHE[key]
+
+
+def dataset_input(data: str | Path, context: str, sub: str = "validated"):
+    """An MLflow DatasetInput for DIR/<sub> whose digest is its DVC hash (md5 of the .dir listing, what
+    dvc.lock records for the stage output), source the local folder, context train/evaluate."""
+    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    root = Path(data).resolve()
+    ds = MetaDataset(source=LocalArtifactDatasetSource(str(root / sub)), name=f"{root.name}/{sub}",
+                     digest=data_hash(root, sub))
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+
+
+def log_dataset(c, run_id: str, data: str | Path, context: str, sub: str = "validated") -> None:
+    """Log DIR/<sub> as the run's dataset input (once per run, digest and context)."""
+    if not (Path(data) / sub).is_dir():
+        return
+    inp = dataset_input(data, context, sub)
+    for have in c.get_run(run_id).inputs.dataset_inputs or []:
+        if have.dataset.digest == inp.dataset.digest and have.dataset.name == inp.dataset.name:
+            return
+    c.log_inputs(run_id, datasets=[inp])
 
 
 # ------------------------------------------------------------------------------------------ context
@@ -186,21 +244,42 @@ def _clean_key(k: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in k)[:250]
 
 
+def report_metrics(report: dict, prefix: str = "") -> dict[str, float]:
+    """The measurements of a (nested) report as {metric name: value}: every finite numeric scalar, one name
+    each (no test_ prefix, no calibration.* copy of ece), settings echoed in reports (SETTING_KEYS: params.*,
+    diversity.ranking.pool, top_n, ...) left out; evaluate's per-group list as group<i>.auc / group<i>.gauc."""
+    out: dict[str, float] = {}
+    for k, v in _flatten({kk: vv for kk, vv in report.items() if kk not in SETTING_KEYS}).items():
+        if set(k.split(".")) & SETTING_KEYS:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            continue
+        out[_clean_key(prefix + k)] = float(v)
+    groups = report.get("by_group")
+    if isinstance(groups, list):
+        for i, g in enumerate(groups):
+            for key in ("auc", "gauc"):
+                if isinstance(g, dict) and isinstance(g.get(key), (int, float)) and math.isfinite(g[key]):
+                    out[_clean_key(f"{prefix}group{i}.{key}")] = float(g[key])
+    return out
+
+
 def log_metrics(c, run_id: str, report: dict, prefix: str = "", limit: int = 400) -> None:
-    """Log every finite numeric scalar of a (nested) report as a metric (same names for every model)."""
+    """Log report_metrics(report) (same names for every model); values the run already holds (logged by
+    the stage itself into its bound run) are not logged twice."""
     from mlflow.entities import Metric
     import time
 
     now = int(time.time() * 1000)
-    metrics = []
-    for k, v in _flatten(report).items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if not math.isfinite(float(v)):
-            continue
-        metrics.append(Metric(_clean_key(prefix + k), float(v), now, 0))
+    have = c.get_run(run_id).data.metrics
+    metrics = [Metric(k, v, now, 0) for k, v in report_metrics(report, prefix).items() if have.get(k) != v]
     for i in range(0, min(len(metrics), limit), 200):
         c.log_batch(run_id, metrics=metrics[i:min(i + 200, limit)])
+
+
+def stage_params(params: dict, stage: str) -> dict:
+    """The params.yaml sections of one stage (STAGE_SECTIONS), e.g. {"evaluate": {...}}."""
+    return {s: params[s] for s in STAGE_SECTIONS.get(stage, ()) if s in params}
 
 
 def log_params(c, run_id: str, params: dict) -> None:
@@ -255,7 +334,7 @@ def run_stage(ctx: dict, parent_id: str, stage: str, fn: Callable[..., dict], kw
     for k, v in (tags or {}).items():
         c.set_tag(run_id, k, str(v))
     if params:
-        log_params(c, run_id, params)
+        log_params(c, run_id, stage_params(params, stage) or params)
     saved = os.environ.get("MLFLOW_RUN_ID")
     try:
         if bind_run:
@@ -310,23 +389,64 @@ def resolve(path: str | Path) -> Path:
     return (p if p.is_absolute() else REPO_ROOT / p).resolve()
 
 
+ALLOWED_ROOTS_ENV = "TWINV2_ALLOWED_ROOTS"
+
+
+class PathNotAllowed(ValueError):
+    """A DAG Param names a path outside the data/runs roots and the allow-list."""
+
+
+def allowed_roots() -> list[Path]:
+    """Where the DAG Params `data`, `runs`, `params_file` may point: the repository's data root (the parent
+    of params.yaml `airflow.data_dir`, i.e. data/), its runs root (`airflow.runs_dir`), and the roots listed
+    in $TWINV2_ALLOWED_ROOTS (os.pathsep-separated absolute folders: the explicit allow-list, set in the
+    environment of the Airflow components, never from the trigger form)."""
+    from twinv2.config import load_params
+
+    af = load_params(REPO_ROOT / "params.yaml").get("airflow", {})
+    data_dir = resolve(af.get("data_dir", "data/world"))
+    roots = [data_dir.parent if data_dir.parent != REPO_ROOT else data_dir, resolve(af.get("runs_dir", "runs"))]
+    for extra in filter(None, os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep)):
+        if not Path(extra).is_absolute():
+            raise PathNotAllowed(f"{ALLOWED_ROOTS_ENV} entry {extra!r} is not an absolute path")
+        roots.append(Path(extra).resolve())
+    return roots
+
+
+def confine(path: str | Path, name: str) -> Path:
+    """`path` resolved (relative to the repository; `..` and symlinks resolved) when it lies inside one of
+    allowed_roots(), else PathNotAllowed naming the roots and the allow-list setting."""
+    p = resolve(path)
+    roots = allowed_roots()
+    if any(p == r or r in p.parents for r in roots):
+        return p
+    raise PathNotAllowed(f"DAG Param {name}={str(path)!r} resolves to {p}, outside the allowed roots "
+                         f"{[str(r) for r in roots]}; add its folder to ${ALLOWED_ROOTS_ENV} in the environment "
+                         "of the Airflow components to allow it")
+
+
 def dag_settings(dag_params: dict) -> dict:
-    """params.yaml (or the `params_file` Param) with the trigger form's values applied on top."""
+    """params.yaml (or the `params_file` Param, confined to the allowed roots; the repository's own
+    params.yaml is always allowed) with the trigger form's values applied on top."""
     from twinv2.config import load_params
 
     overrides = dict(dag_params.get("overrides") or {})
     for field, dotted in PARAM_KEYS.items():
         if dag_params.get(field) is not None:
             overrides[dotted] = dag_params[field]
-    params = load_params(resolve(dag_params["params_file"]) if dag_params.get("params_file") else None,
-                         overrides)
-    return params
+    pf = dag_params.get("params_file")
+    path = None
+    if pf:
+        path = resolve(pf)
+        if path != (REPO_ROOT / "params.yaml").resolve():
+            path = confine(pf, "params_file")
+    return load_params(path if path else REPO_ROOT / "params.yaml", overrides)
 
 
 def run_dir(runs: str | Path, ctx: dict, model: str) -> Path:
-    """RUNDIR of one model in one DAG run: <runs>/<dag_id>/<run_id>/<model>."""
+    """RUNDIR of one model in one DAG run: <runs>/<dag_id>/<run_id>/<model> (runs confined)."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in ctx["run_id"])
-    return resolve(runs) / ctx["dag_id"] / safe / model
+    return confine(runs, "runs") / ctx["dag_id"] / safe / model
 
 
 def close_parent(parent_id: str, runs: dict[str, str] | None = None) -> None:
