@@ -1,13 +1,38 @@
 """`twinv2 <stage>`: the public command line (flags are a contract: add freely, never rename).
 
 Every subcommand calls the `run` function of its stage module in pipelines/, imported lazily so that
-`twinv2 --help` stays fast."""
+`twinv2 --help` stays fast. Every failure ends in one paragraph on stderr and the exit code of its class
+(twinv2.errors, README "Exit codes"); TWINV2_DEBUG=1 adds the traceback."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+from twinv2.errors import EXIT_USAGE, ConfigError
+
+# the trainable models (twinv2.models.TRAINABLE: REGISTRY's neural models + gbdt; kept here so that --help
+# needs no torch import; a test holds the two together)
+MODELS = ("twinv2", "twin", "twin_full", "sim_hard", "sim_soft", "eta", "sdim", "din", "avg_pool", "gbdt")
+
+EXIT_CODES = """exit codes: 0 success | 1 validation failed | 2 bad input data | 3 usage or configuration error |
+4 unusable checkpoint/model file | 5 operating-system error (disk full, read-only output) | 70 internal error |
+130 interrupted. Set TWINV2_DEBUG=1 to print tracebacks."""
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the usage exit code of twinv2 (3), not argparse's 2 (= bad input data here)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: usage error: {message} (see `{self.prog} --help`)\n")
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -16,95 +41,230 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--set expects key=value (for example train.lr=0.01), got {pair!r}")
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE with a dotted params.yaml key, for example "
+                              f"--set train.lr=0.01")
         k, v = pair.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        if not k or any(not part for part in k.split(".")):
+            raise ConfigError(f"--set {pair!r}: {k!r} is not a dotted params.yaml key (e.g. train.lr)")
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
     return out
 
 
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean (true/false)"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a section"
+    return type(v).__name__
+
+
+def check_overrides(base: dict, overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """Refuse a --set that does not fit the params it changes: a section replaced by a value (train=5),
+    a key under a value (train.lr.x=1), an unknown section, or a value of another kind than the one it
+    replaces (train.lr=abc). Keys new to a known section are allowed (stages read optional keys)."""
+    out = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] not in base:
+            raise ConfigError(f"--set {key}=...: {parts[0]!r} is not a section of {source}; expected one of "
+                              f"{sorted(base)} (e.g. --set train.lr=0.003)")
+        node: Any = base
+        for i, part in enumerate(parts[:-1]):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is not None and not isinstance(node, dict):
+                raise ConfigError(f"--set {key}=...: {'.'.join(parts[:i + 1])} is {_kind(node)} "
+                                  f"({node!r}) in {source}, not a section, so it has no key {parts[i + 1]!r}")
+            if node is None:
+                break
+        old = node.get(parts[-1]) if isinstance(node, dict) else None
+        if isinstance(old, dict) and not isinstance(value, dict):
+            raise ConfigError(f"--set {key}={value!r}: {key} is a section of {source} (keys "
+                              f"{', '.join(sorted(old)) or 'none'}); --set replaces one value inside it, e.g. "
+                              f"--set {key}.{next(iter(old), 'KEY')}=VALUE")
+        if old is not None and value is not None and not isinstance(old, dict):
+            if isinstance(old, str) and not isinstance(value, (dict, list)):
+                value = value if isinstance(value, str) else str(value)
+            elif _kind(old) != _kind(value):
+                raise ConfigError(f"--set {key}={value!r}: expected {_kind(old)} like the {old!r} of {source}, "
+                                  f"got {_kind(value)}")
+        out[key] = value
+    return out
+
+
+def load_cli_params(path: str | None, pairs: list[str]) -> dict:
+    """params.yaml (or --params FILE) with the --set overrides, every problem a ConfigError."""
+    import yaml
+
+    from twinv2.config import load_params
+
+    source = path or "the repository's params.yaml"
+    try:
+        base = load_params(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--params {path}: no such file ({e}).") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--params {path}: is a directory; expected a params.yaml file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--params {path}: not a YAML file ({' '.join(str(e).split())[:300]}); expected a "
+                          f"params.yaml like the repository's") from None
+    except OSError as e:
+        raise ConfigError(f"--params {path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(base, dict) or not all(isinstance(k, str) for k in base):
+        raise ConfigError(f"--params {source}: not a params file: expected a YAML mapping of sections "
+                          f"(generate, validate, cluster, model, train, evaluate, ...), got "
+                          f"{type(base).__name__} {str(base)[:60]!r}")
+    if path:                                     # the sections the repository's params.yaml has
+        ref = load_params()
+        missing = [k for k, v in ref.items() if isinstance(v, dict) and not isinstance(base.get(k), dict)]
+        if missing:
+            raise ConfigError(f"--params {path}: lacks the sections {missing} (or they are not mappings); "
+                              f"expected a complete params.yaml: copy the repository's and edit it")
+    overrides = check_overrides(base, _overrides(pairs), source)
+    return load_params(path, overrides)
+
+
+def _common(p: argparse.ArgumentParser, sub: bool) -> None:
+    g = p.add_argument_group("parameters (also accepted before the stage name)" if sub else "parameters")
+    g.add_argument("--params", dest="params_sub" if sub else "params", default=None, metavar="FILE",
+                   help="params.yaml to read (default: the repository's params.yaml)")
+    g.add_argument("--set", dest="set_sub" if sub else "set", action="append", default=None if sub else [],
+                   metavar="KEY=VALUE",
+                   help="override one parameter of params.yaml, e.g. --set train.lr=0.01 (repeatable; the "
+                        "value is YAML; default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="twinv2", description="TWIN-V2 life-cycle CTR modelling pipeline")
-    p.add_argument("--params", default=None, help="params.yaml to use (default: the repository's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one parameter, e.g. --set train.lr=0.01 (repeatable)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="twinv2", formatter_class=_Formatter, epilog=EXIT_CODES,
+                description="TWIN-V2 life-cycle CTR modelling pipeline. Stages: generate | ingest -> validate -> "
+                            "cluster -> train -> evaluate -> register. `twinv2 <stage> --help` describes each.")
+    _common(p, sub=False)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="<stage>", parser_class=_Parser)
 
-    g = sub.add_parser("generate", help="write the synthetic life-cycle world")
-    g.add_argument("--preset", choices=["tiny", "default", "large"], default="default")
-    g.add_argument("--out", required=True)
-    g.add_argument("--seed", type=int, default=None)
+    def stage(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=description, epilog=EXIT_CODES, formatter_class=_Formatter)
+        return s
 
-    i = sub.add_parser("ingest", help="map a public log into the canonical data model")
-    i.add_argument("--format", dest="fmt", choices=["kuairand", "movielens", "taobao"], required=True)
-    i.add_argument("--src", required=True)
-    i.add_argument("--out", required=True)
+    g = stage("generate", "write the synthetic life-cycle world",
+              "Write the synthetic life-cycle world to OUT/raw (+ OUT/reports/generate.json).")
+    g.add_argument("--preset", choices=["tiny", "default", "large"], default="default",
+                   help="world size: tiny (tests), default (300 users, 742k behaviours) or large "
+                        "(default: %(default)s)")
+    g.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write (required)")
+    g.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="random seed (default: generate.seed of params.yaml)")
 
-    v = sub.add_parser("validate", help="validate DIR/raw into DIR/validated + DIR/quarantine")
-    v.add_argument("--data", required=True)
+    i = stage("ingest", "map a public log into the canonical data model",
+              "Map a public log (KuaiRand, MovieLens, Taobao) into OUT/raw; rejected lines go to "
+              "OUT/quarantine/ with file, line and reason (docs/data.md).")
+    i.add_argument("--format", dest="fmt", choices=["kuairand", "movielens", "taobao"], required=True,
+                   help="the log's format (required)")
+    i.add_argument("--src", required=True, metavar="PATH", help="the log's file or directory (required)")
+    i.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write (required)")
 
-    c = sub.add_parser("cluster", help="hierarchical clustering of every user's history")
-    c.add_argument("--data", required=True)
-    c.add_argument("--incremental", action="store_true")
-    c.add_argument("--shard", default=None, help="I/N: only the users of shard I of N")
-    c.add_argument("--embeddings", default=None,
-                   help="checkpoint path or MLflow model URI of a trained model (default: bootstrap SVD)")
-    c.add_argument("--watermark", type=int, default=None, help="as-of time W in ms (default: params)")
+    v = stage("validate", "validate DIR/raw into DIR/validated + DIR/quarantine",
+              "Validate DIR/raw (Great Expectations + vectorised rules, docs/validation.md) into DIR/validated, "
+              "DIR/quarantine and DIR/reports/validation.json. Exit 1 when a table-level expectation fails.")
+    v.add_argument("--data", required=True, metavar="DIR", help="dataset directory holding raw/ (required)")
 
-    t = sub.add_parser("train", help="train one model")
-    t.add_argument("--data", required=True)
-    t.add_argument("--model", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--warm-start", default=None, help="checkpoint to initialise from")
+    c = stage("cluster", "hierarchical clustering of every user's history",
+              "Cluster every user's validated history into a new immutable version DIR/clusters/<version>/ "
+              "and point DIR/clusters/CURRENT at it (docs/clustering.md).")
+    c.add_argument("--data", required=True, metavar="DIR", help="dataset directory holding validated/ (required)")
+    c.add_argument("--incremental", action="store_true",
+                   help="update the CURRENT version with the behaviours after its watermark instead of "
+                        "clustering from scratch (default: off)")
+    c.add_argument("--shard", default=None, metavar="I/N",
+                   help="only the users of shard I of N, e.g. 0/4; the shard completing the set publishes "
+                        "the version (default: all users)")
+    c.add_argument("--embeddings", default=None, metavar="RUN|NPZ|PT|MLFLOW_URI",
+                   help="item embeddings of a trained model: a run directory, its item_embeddings.npz, its "
+                        "model.pt or an epoch checkpoint, or an MLflow URI (default: bootstrap SVD of item "
+                        "co-occurrence)")
+    c.add_argument("--watermark", type=int, default=None, metavar="MS",
+                   help="as-of time W in ms since the epoch (default: cluster.watermark of params.yaml, else "
+                        "the data's history_end_ms; incremental: the current W + cluster.incremental_step_ms)")
 
-    e = sub.add_parser("evaluate", help="offline AUC/GAUC/logloss/diversity of a trained run")
-    e.add_argument("--data", required=True)
-    e.add_argument("--run", required=True)
+    t = stage("train", "train one model",
+              "Train one model on DIR/validated (and DIR/clusters/CURRENT for twinv2) into RUNDIR: epoch "
+              "checkpoints, model.pt, item_embeddings.npz, config (docs/training.md).")
+    t.add_argument("--data", required=True, metavar="DIR", help="dataset directory holding validated/ (required)")
+    t.add_argument("--model", required=True, choices=MODELS, metavar="MODEL",
+                   help="the model to train, one of: " + ", ".join(MODELS) + " (required; docs/models.md)")
+    t.add_argument("--out", required=True, metavar="RUNDIR", help="run directory to write (required)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in RUNDIR/checkpoints (default: off, start afresh)")
+    t.add_argument("--warm-start", default=None, metavar="CHECKPOINT",
+                   help="initialise the weights from this model.pt or epoch checkpoint (default: random init)")
 
-    r = sub.add_parser("register", help="register a run's model in MLflow (challenger/champion)")
-    r.add_argument("--run", required=True)
-    r.add_argument("--data", default=None)
+    e = stage("evaluate", "offline AUC/GAUC/logloss/diversity of a trained run",
+              "Evaluate a trained run on the test split of DIR/validated: AUC, GAUC, logloss, oracle gap, "
+              "groups, diversity -> RUNDIR/metrics.json and RUNDIR/plots/.")
+    e.add_argument("--data", required=True, metavar="DIR", help="dataset directory holding validated/ (required)")
+    e.add_argument("--run", required=True, metavar="RUNDIR", help="a `twinv2 train` run directory (required)")
+
+    r = stage("register", "register a run's model in MLflow (challenger/champion)",
+              "Register a run's model in the MLflow registry as `challenger`, and `champion` when it beats the "
+              "current champion's GAUC by register.champion_margin.")
+    r.add_argument("--run", required=True, metavar="RUNDIR", help="an evaluated run directory (required)")
+    r.add_argument("--data", default=None, metavar="DIR",
+                   help="dataset directory, for the lineage tags (default: the one in the run's config)")
+    for s in (g, i, v, c, t, e, r):
+        _common(s, sub=True)
     return p
+
+
+def _dispatch(args: argparse.Namespace, params: dict) -> Any:
+    if args.cmd == "generate":
+        from pipelines import generate
+        return generate.run(preset=args.preset, out=args.out, seed=args.seed, params=params)
+    if args.cmd == "ingest":
+        from pipelines import ingest
+        return ingest.run(fmt=args.fmt, src=args.src, out=args.out, params=params)
+    if args.cmd == "validate":
+        from pipelines import validate
+        return validate.run(data=args.data, params=params)
+    if args.cmd == "cluster":
+        from pipelines import cluster
+        return cluster.run(data=args.data, incremental=args.incremental, shard=args.shard,
+                           params=params, embeddings=args.embeddings, watermark=args.watermark)
+    if args.cmd == "train":
+        from pipelines import train
+        return train.run(data=args.data, model=args.model, out=args.out, params=params,
+                         resume=args.resume, warm_start=args.warm_start)
+    if args.cmd == "evaluate":
+        from pipelines import evaluate
+        return evaluate.run(data=args.data, run=args.run, params=params)
+    if args.cmd == "register":
+        from pipelines import register
+        return register.run(run=args.run, data=args.data, params=params)
+    raise SystemExit(EXIT_USAGE)  # pragma: no cover - argparse refuses unknown commands
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from twinv2.config import load_params
-    from twinv2.errors import TwinV2Error, ValidationFailed
+    from twinv2.errors import describe, format_traceback
 
-    params = load_params(args.params, _overrides(args.set))
     try:
-        if args.cmd == "generate":
-            from pipelines import generate
-            out = generate.run(preset=args.preset, out=args.out, seed=args.seed, params=params)
-        elif args.cmd == "ingest":
-            from pipelines import ingest
-            out = ingest.run(fmt=args.fmt, src=args.src, out=args.out, params=params)
-        elif args.cmd == "validate":
-            from pipelines import validate
-            out = validate.run(data=args.data, params=params)
-        elif args.cmd == "cluster":
-            from pipelines import cluster
-            out = cluster.run(data=args.data, incremental=args.incremental, shard=args.shard,
-                              params=params, embeddings=args.embeddings, watermark=args.watermark)
-        elif args.cmd == "train":
-            from pipelines import train
-            out = train.run(data=args.data, model=args.model, out=args.out, params=params,
-                            resume=args.resume, warm_start=args.warm_start)
-        elif args.cmd == "evaluate":
-            from pipelines import evaluate
-            out = evaluate.run(data=args.data, run=args.run, params=params)
-        elif args.cmd == "register":
-            from pipelines import register
-            out = register.run(run=args.run, data=args.data, params=params)
-        else:  # pragma: no cover - argparse refuses unknown commands
-            raise SystemExit(2)
-    except ValidationFailed as e:
-        print(f"twinv2 {args.cmd}: FAILED. {e}", file=sys.stderr)
-        return 1
-    except (TwinV2Error, FileNotFoundError, ValueError) as e:
-        print(f"twinv2 {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        params = load_cli_params(args.params_sub or args.params, list(args.set) + list(args.set_sub or []))
+        out = _dispatch(args, params)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure gets its class's exit code
+        paths = " ".join(f"--{k} {getattr(args, k)}" for k in ("data", "out", "run", "src")
+                         if getattr(args, k, None))
+        code, label, message = describe(exc, paths or None)
+        if os.environ.get("TWINV2_DEBUG", "").strip() not in ("", "0", "false", "no"):
+            print(format_traceback(exc), file=sys.stderr, end="")
+        sep = "." if label == "FAILED" else ":"
+        print(f"twinv2 {args.cmd}: {label}{sep} {message}", file=sys.stderr)
+        return code
     if isinstance(out, dict):
         summary = out.get("summary")
         print(summary if isinstance(summary, str) else json.dumps(out, indent=2, default=str)[:4000])
