@@ -49,9 +49,15 @@ from twinv2.io import atomic_path, write_json
 # ---------------------------------------------------------------- line grammar
 
 NUM = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-KIND_RE = {"int": r"-?\d+", "num": NUM, "num?": f"(?:{NUM})?",
+INT64 = r"-?0*(?:\d{1,18}|[0-8]\d{18})"      # every integer of at most 18 digits, and 19-digit ones < 9e18
+KIND_RE = {"int": INT64, "num": NUM, "num?": f"(?:{NUM})?",
            "ids?": r'(?:"-?\d+(?:,-?\d+)*"|-?\d+)?'}    # a list of ids, quoted when it holds a comma
 MAX_TEXT = 4096      # quarantined line text is cut to this many characters
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark: ignored at the start of any file (header or not)
+INT32_MAX = 2**31 - 1
+# No behaviour log has events before 1970-01-01 or from 2100-01-01 on: outside this hard range a timestamp
+# is never plausible (whatever the configured or robust range); it also keeps ms within int64.
+HARD_TS_MS = (0, 4_102_444_800_000)
 
 
 @dataclass
@@ -123,6 +129,9 @@ class LineFormat:
             if isinstance(k, tuple):
                 if value not in k:
                     return "bad_value", f"field {name!r}: expected one of {list(k)}, got {value[:80]!r}"
+            elif k == "int" and not re.fullmatch(INT64, value) and re.fullmatch(r"-?\d+", value):
+                return "overflow", (f"field {name!r}: {value[:80]} does not fit a 64-bit integer (expected at most "
+                                    f"18 digits, or 19 below 9000000000000000000)")
             elif not re.fullmatch(KIND_RE[k], value):
                 what = "an integer" if k == "int" else "a number"
                 return "not_numeric", f"field {name!r}: expected {what}, got {value[:80]!r}"
@@ -228,8 +237,11 @@ class Quarantine:
         self._flush()
         self._writer.close()
         self._ctx.__exit__(None, None, None)
+        self.closed = True
 
     def abort(self) -> None:
+        if getattr(self, "closed", False):
+            return
         self._writer.close()
         try:
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
@@ -260,6 +272,45 @@ class Block:
         return Block(self.table.filter(keep), self.raw.filter(keep), self.lines[~mask])
 
 
+    def reject_negative(self, columns: Sequence[str], quarantine: Quarantine, file: Path) -> "Block":
+        """Quarantine rows with a negative id in any of `columns` (reason negative_id)."""
+        b = self
+        for c in columns:
+            v = b.table.column(c).to_numpy(zero_copy_only=False)
+            bad = v < 0
+            if bad.any():
+                b = b.reject(bad, quarantine, file, "negative_id",
+                             [f"field {c!r}: {x} is negative; ids must be >= 0" for x in v[bad]])
+        return b
+
+    def reject_int32(self, column: str, values: np.ndarray, quarantine: Quarantine, file: Path,
+                     target: str) -> "Block":
+        """Quarantine rows whose `values` (of field `column`, one per row) do not fit the int32 `target`
+        (reason overflow)."""
+        v = np.asarray(values, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = np.isfinite(v) & (np.abs(v) > INT32_MAX)
+        if not bad.any():
+            return self
+        return self.reject(bad, quarantine, file, "overflow",
+                           [f"field {column!r}: {x:.0f} does not fit the 32-bit {target} (at most {INT32_MAX})"
+                            for x in v[bad]])
+
+    def reject_bad_ts(self, column: str, ms: np.ndarray, quarantine: Quarantine, file: Path,
+                      unit: str = "ms") -> "Block":
+        """Quarantine rows whose time (`ms`, float, one per row, from field `column` in `unit`) is not
+        finite or outside the hard range HARD_TS_MS (reason ts_out_of_range)."""
+        ms = np.asarray(ms, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(ms) | (ms < HARD_TS_MS[0]) | (ms >= HARD_TS_MS[1])
+        if not bad.any():
+            return self
+        raw = self.table.column(column).to_numpy(zero_copy_only=False)[bad]
+        return self.reject(bad, quarantine, file, "ts_out_of_range",
+                           [f"field {column!r}: {x!r} ({unit}) is not a time in [1970-01-01, 2100-01-01), the "
+                            f"hard range of any log" for x in raw])
+
+
 @dataclass
 class FileCount:
     lines: int = 0            # data lines (header excluded)
@@ -280,10 +331,14 @@ def read_lines(path: Path, make_format: Callable[[bytes | None], LineFormat], he
             lineno, count.header = 1, 1
         fmt = make_format(first)
         pattern = fmt.regex()
+        first_block = not header
         while True:
             lines = f.readlines(chunk_bytes)
             if not lines:
                 break
+            if first_block and lines[0].startswith(BOM):     # a byte-order mark is not part of the first line
+                lines[0] = lines[0][len(BOM):]
+            first_block = False
             n = len(lines)
             nums = np.arange(lineno + 1, lineno + 1 + n, dtype=np.int64)
             lineno += n
@@ -303,6 +358,8 @@ def read_small_lines(path: Path, encoding: str, quarantine: Quarantine, count: F
     """Lines of a small side file (items), decoded; undecodable lines are quarantined."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
+            if i == 1 and raw.startswith(BOM):          # a UTF-8 byte-order mark is not part of the line
+                raw = raw[len(BOM):]
             if header and i == 1:
                 count.header = 1
                 continue
@@ -320,16 +377,30 @@ def read_small_lines(path: Path, encoding: str, quarantine: Quarantine, count: F
 
 # ---------------------------------------------------------------- the time split
 
+SPLIT_MODES = ("global", "per_user")
+
+
+def split_mode(params: dict) -> str:
+    mode = params.get("split") or "global"
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"params ingest.split: expected one of {list(SPLIT_MODES)}, got {mode!r}")
+    return mode
+
 
 def split_bounds(t0: int, t1: int, params: dict) -> dict[str, int]:
     """Bounds (ms) of the time split over the log's span [t0, t1] (fractions of the whole span):
-    history [t0, history_end) | train [history_end, valid_start) | valid [.., test_start) | test [.., t1]."""
-    h, v, t = (float(params.get(k, d)) for k, d in
-               (("history_frac", 0.7), ("valid_frac", 0.1), ("test_frac", 0.1)))
+    history [t0, history_end) | train [history_end, valid_start) | valid [.., test_start) | test [.., t1].
+    With `split: per_user` only history_start/history_end/end: train/valid/test are cut per user."""
+    span = t1 - t0
+    h = float(params.get("history_frac", 0.7))
+    if split_mode(params) == "per_user":
+        if not 0 < h < 1:
+            raise ValueError(f"params ingest.history_frac: expected a fraction in (0, 1), got {h}")
+        return {"history_start_ms": int(t0), "history_end_ms": int(t0 + round(h * span)), "end_ms": int(t1)}
+    v, t = (float(params.get(k, d)) for k, d in (("valid_frac", 0.1), ("test_frac", 0.1)))
     if min(h, v, t) <= 0 or h + v + t >= 1:
         raise ValueError(f"params ingest: need history_frac, valid_frac, test_frac > 0 with a sum below 1 "
                          f"(the rest is train), got {h}, {v}, {t}")
-    span = t1 - t0
     return {"history_start_ms": int(t0),
             "history_end_ms": int(t0 + round(h * span)),
             "valid_start_ms": int(t0 + round((1 - v - t) * span)),
@@ -345,6 +416,121 @@ def assign_split(ts: np.ndarray, b: dict[str, int]) -> np.ndarray:
     return out
 
 
+def per_user_spec(params: dict) -> dict[str, int | float]:
+    """params ingest.per_user {valid, test}: a float in (0, 1) is a fraction of each user's impression
+    events from history_end on (rounded up), an int >= 0 a count of them (test >= 1)."""
+    pu = params.get("per_user") or {}
+    unknown = set(pu) - {"valid", "test"}
+    if unknown:
+        raise ValueError(f"params ingest.per_user: unknown keys {sorted(unknown)}; expected valid, test")
+    spec = {}
+    for key in ("valid", "test"):
+        v = pu.get(key, 0.1)
+        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= (1 if key == "test" else 0)) or \
+             (isinstance(v, float) and 0 < v < 1)
+        if not ok:
+            raise ValueError(f"params ingest.per_user.{key}: expected a fraction in (0, 1) or a count "
+                             f"(an integer >= {1 if key == 'test' else 0}), got {v!r}")
+        spec[key] = v
+    return spec
+
+
+def _take(spec: int | float, n: np.ndarray) -> np.ndarray:
+    if isinstance(spec, int):
+        return np.minimum(spec, n)
+    return np.minimum(np.ceil(spec * n - 1e-9).astype(np.int64), n)
+
+
+def assign_split_per_user(user: np.ndarray, spec: dict[str, int | float]) -> np.ndarray:
+    """Per-user split of impression events sorted by (user, ts, line): each user's last `test` events are
+    test, the `valid` before them valid, the earlier ones train (docs/data.md)."""
+    n = len(user)
+    out = np.full(n, "train", dtype=object)
+    if n == 0:
+        return out
+    user = np.asarray(user)
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    counts = np.diff(np.r_[starts, n])
+    from_end = np.repeat(starts + counts, counts) - 1 - np.arange(n)
+    n_test = _take(spec["test"], counts)
+    n_valid = np.minimum(_take(spec["valid"], counts), counts - n_test)
+    t, v = np.repeat(n_test, counts), np.repeat(n_valid, counts)
+    out[from_end < t + v] = "valid"
+    out[from_end < t] = "test"
+    return out
+
+
+# ---------------------------------------------------------------- plausible timestamps
+
+
+class TsSketch:
+    """Event times seen in pass 1, for the robust range: per block, at most `per_block` evenly spaced order
+    statistics, each weighted by the rows it stands for (exact while blocks hold fewer events)."""
+
+    def __init__(self, per_block: int = 4096):
+        self.per_block = per_block
+        self.values: list[np.ndarray] = []
+        self.weights: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, ts: np.ndarray) -> None:
+        n = len(ts)
+        if n == 0:
+            return
+        s = np.sort(np.asarray(ts, dtype=np.int64))
+        if n > self.per_block:
+            s = s[np.linspace(0, n - 1, self.per_block).round().astype(np.int64)]
+        self.values.append(s)
+        self.weights.append(np.full(len(s), n / len(s)))
+        self.n += n
+
+    def robust_range(self, q: float, margin: float, min_margin_ms: int) -> tuple[int, int, int, int] | None:
+        """(lo, hi, q_lo, q_hi): [lo, hi) = [q_lo - m, q_hi + m] with q_lo / q_hi the times below / above
+        which a share q of the events lie (at least one event each), m = max(margin * (q_hi - q_lo),
+        min_margin_ms). None when there are too few events to tell (< 3)."""
+        if self.n < 3:
+            return None
+        v, w = np.concatenate(self.values), np.concatenate(self.weights)
+        o = np.argsort(v, kind="stable")
+        v, cum = v[o], np.cumsum(w[o])
+        k = max(1, int(np.ceil(q * self.n - 1e-9)))
+        if self.n < 2 * k + 1:
+            return None
+        q_lo = int(v[min(np.searchsorted(cum, k + 1e-6, side="left"), len(v) - 1)])
+        q_hi = int(v[min(np.searchsorted(cum, self.n - k - 1e-6, side="left"), len(v) - 1)])
+        m = max(int(margin * (q_hi - q_lo)), int(min_margin_ms))
+        return max(q_lo - m, HARD_TS_MS[0]), min(q_hi + m + 1, HARD_TS_MS[1]), q_lo, q_hi
+
+
+def _iso(ms: int) -> str:
+    return pd.Timestamp(int(ms), unit="ms", tz="UTC").strftime("%Y-%m-%d %H:%M:%S")
+
+
+def ts_window(adapter: "Adapter", params: dict, sketch: TsSketch) -> dict:
+    """The plausible event times [lo, hi) (ms): the adapter's or params' `ts_range_ms` when configured,
+    else the robust range of the log itself (params ingest.ts_robust), always within HARD_TS_MS."""
+    conf = adapter.ts_range if adapter.ts_range is not None else params.get("ts_range_ms")
+    if conf is not None:
+        lo, hi = int(conf[0]), int(conf[1])
+        if not lo < hi:
+            raise ValueError(f"params ingest ts_range_ms: expected [lo, hi) with lo < hi, got {conf}")
+        return {"source": "configured", "lo_ms": lo, "hi_ms": hi,
+                "detail": f"ts outside [{_iso(lo)}, {_iso(hi)}) UTC, the configured range of the log (ts_range_ms)"}
+    rp = params.get("ts_robust") or {}
+    q, margin = float(rp.get("quantile", 0.01)), float(rp.get("margin", 1.0))
+    min_margin = int(rp.get("min_margin_ms", 86_400_000))
+    r = sketch.robust_range(q, margin, min_margin)
+    if r is None:
+        lo, hi = HARD_TS_MS
+        return {"source": "hard", "lo_ms": lo, "hi_ms": hi,
+                "detail": "ts outside [1970-01-01, 2100-01-01), the hard range of any log"}
+    lo, hi, q_lo, q_hi = r
+    return {"source": "robust", "lo_ms": lo, "hi_ms": hi, "quantile_lo_ms": q_lo, "quantile_hi_ms": q_hi,
+            "detail": (f"ts outside [{_iso(lo)}, {_iso(hi)}) UTC, the robust range of the log itself (its "
+                       f"{q:g} and {1 - q:g} quantiles {_iso(q_lo)} and {_iso(q_hi)} widened by {margin:g} x "
+                       f"their distance, at least {min_margin} ms)")}
+
+
 # ---------------------------------------------------------------- the adapter interface and driver
 
 
@@ -353,6 +539,8 @@ class Adapter:
 
     name = "?"
     cross: tuple[str, ...] = ()            # optional behaviour cross features it fills (schema names)
+    dup_key: tuple[str, ...] = ("user_id", "item_id", "ts")   # two event lines with this key are one event
+    ts_range: tuple[int, int] | None = None                  # configured plausible [lo, hi) ms, if any
 
     def __init__(self, src: Path, params: dict):
         self.src = Path(src)
@@ -375,10 +563,12 @@ class Adapter:
         raise NotImplementedError
 
     def finalize(self, ev: pd.DataFrame, bounds: dict[str, int]) -> pd.DataFrame:
-        """Last touch on one user range, sorted by (user_id, ts, seq) (e.g. labels from later events)."""
+        """Last touch on one user range of accepted events, sorted by (user_id, ts, seq) (e.g. labels
+        from later events)."""
         return ev
 
     def items_from_events(self) -> pd.DataFrame:
+        """The item table of adapters without an item file, from the accepted events (after pass 2)."""
         raise NotImplementedError
 
     def after_events(self, items: pd.DataFrame) -> pd.DataFrame:
@@ -400,31 +590,160 @@ def _user_ranges(counts: pd.Series, budget: int) -> list[tuple[int, int]]:
     return out
 
 
+LINE_BITS = 40                     # seq = file index << 40 | line number
+WORK_PREFIX = ".ingest-work."      # DIR/.ingest-work.<pid>.<random>/: everything a run writes before the switch
+
+
+class _Deferred:
+    """Events rejected in pass 2 (out-of-range time, duplicates): their line text is fetched at the end,
+    one sequential read per file."""
+
+    def __init__(self):
+        self.rows: list[tuple[np.ndarray, str, list[str]]] = []
+
+    def add(self, seq: np.ndarray, reason: str, details) -> None:
+        seq = np.asarray(seq, dtype=np.int64)
+        if len(seq):
+            self.rows.append((seq, reason, [details] * len(seq) if isinstance(details, str) else list(details)))
+
+    def flush(self, quarantine: Quarantine, files: list[Path]) -> int:
+        if not self.rows:
+            return 0
+        seq = np.concatenate([s for s, _, _ in self.rows])
+        reasons = [r for s, r, _ in self.rows for _ in range(len(s))]
+        details = [d for _, _, ds_ in self.rows for d in ds_]
+        order = np.argsort(seq, kind="stable")
+        fi, line = seq >> LINE_BITS, seq & ((1 << LINE_BITS) - 1)
+        for f in np.unique(fi):
+            idx = order[fi[order] == f]
+            texts = fetch_lines(files[int(f)], line[idx])
+            for i, text in zip(idx, texts):
+                quarantine.add(files[int(f)], int(line[i]), text, reasons[i], details[i])
+        self.rows = []
+        return len(seq)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Remove the work folders of ingest runs that were killed (their process is gone). A run killed
+    between the two renames of the switch left DIR/raw missing and the previous raw/ in its work folder:
+    that raw/ is put back first."""
+    removed = []
+    for d in sorted(Path(out).glob(WORK_PREFIX + "*")):
+        try:
+            pid = int(d.name[len(WORK_PREFIX):].split(".")[0])
+        except ValueError:
+            continue
+        if _pid_alive(pid):
+            continue
+        raw = Path(out) / "raw"
+        if not raw.exists() and (d / "old-raw").is_dir():
+            os.replace(d / "old-raw", raw)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _switch_dir(new: Path, dest: Path, work: Path) -> None:
+    """Put `new` in place of `dest` (two renames on one file system; a reader sees the old or the new
+    directory, never a mix)."""
+    if dest.exists():
+        old = work / "old-raw"
+        os.replace(dest, old)
+        try:
+            os.replace(new, dest)
+        except BaseException:
+            os.replace(old, dest)
+            raise
+    else:
+        os.replace(new, dest)
+    _fsync_dir(dest.parent)
+
+
 def ingest(adapter: Adapter, out: Path, params: dict, progress: bool = False) -> dict:
     """Run an adapter: write out/raw/{items.parquet, behaviors/, impressions.parquet, meta.json},
-    out/quarantine/ingest.parquet; return the report (the caller writes it)."""
+    out/quarantine/ingest.parquet; return the report (the caller writes it).
+
+    All-or-nothing: everything is written into DIR/.ingest-work.<pid>.*/ first; only a run that succeeds
+    replaces DIR/raw (a rename) and then DIR/quarantine/ingest.parquet. A failed run leaves the previous
+    raw/ untouched (and its quarantine in DIR/quarantine/ingest.failed.parquet when it got that far)."""
+    out = Path(out)
+    split_mode(params)
+    spec = per_user_spec(params) if split_mode(params) == "per_user" else None
+    adapter.discover()
+    out.mkdir(parents=True, exist_ok=True)
+    stale = clean_stale(out)
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}.", dir=out))
+    try:
+        report = _ingest(adapter, out, work, params, spec, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if stale:
+        report["stale_work_removed"] = stale
+    return report
+
+
+def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | None, progress: bool) -> dict:
     paths = DatasetPaths(out)
     chunk_bytes = int(params.get("chunk_bytes", 32 << 20))
     budget = int(params.get("sort_budget_rows", 4_000_000))
-    adapter.discover()
-    paths.stage("raw").mkdir(parents=True, exist_ok=True)
-    paths.quarantine.mkdir(parents=True, exist_ok=True)
-    quarantine = Quarantine(paths.quarantine / "ingest.parquet")
-    spill = Path(tempfile.mkdtemp(prefix=".ingest-spill.", dir=out))
+    new_raw = work / "raw"
+    spill = work / "spill"
+    new_raw.mkdir()
+    spill.mkdir()
+    qpath = work / "ingest.parquet"
+    quarantine = Quarantine(qpath)
     counts: dict[str, FileCount] = {}
+    files = [p for p, _, _ in adapter.event_files()]
+
+    def no_events(why: str) -> DataError:
+        quarantine.close()
+        failed = paths.quarantine / "ingest.failed.parquet"
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(qpath, failed)
+        return DataError(f"{adapter.src}: no valid event line in {[str(p) for p in files]} ({why}); "
+                         f"{quarantine.total} lines quarantined by reason {dict(sorted(quarantine.by_reason.items()))} "
+                         f"(see {failed}); {paths.stage('raw')} is unchanged")
+
     try:
         items = adapter.read_items(quarantine, counts)
+        if items is not None:
+            items = adapter.after_events(items)
         user_counts = pd.Series(dtype=np.int64)
-        t0, t1 = None, None
         n_events, n_part = 0, 0
+        sketch = TsSketch()
         bar = _bar(progress, adapter.name)
         for fi, (path, header, make_format) in enumerate(adapter.event_files()):
             fc = counts.setdefault(str(path), FileCount())
             for block in read_lines(path, make_format, header, quarantine, fc, chunk_bytes):
                 block, ev = adapter.to_events(block, path, quarantine)
+                if bar is not None:
+                    bar.update(len(block.lines))
                 if len(ev) == 0:
                     continue
-                ev["seq"] = (np.int64(fi) << 40) + block.lines
+                ev["seq"] = (np.int64(fi) << LINE_BITS) + block.lines
                 ev = ev.sort_values("user_id", kind="stable")
                 pq.write_table(pa.Table.from_pandas(ev, preserve_index=False),
                                spill / f"part-{n_part:06d}.parquet", row_group_size=65_536)
@@ -432,107 +751,178 @@ def ingest(adapter: Adapter, out: Path, params: dict, progress: bool = False) ->
                 n_events += len(ev)
                 vc = ev["user_id"].value_counts()
                 user_counts = user_counts.add(vc, fill_value=0) if len(user_counts) else vc
-                lo, hi = int(ev["ts"].min()), int(ev["ts"].max())
-                t0 = lo if t0 is None else min(t0, lo)
-                t1 = hi if t1 is None else max(t1, hi)
-                if bar is not None:
-                    bar.update(len(block.lines))
+                sketch.add(ev["ts"].to_numpy())
         if bar is not None:
             bar.close()
+        if n_events == 0:
+            raise no_events("every line was quarantined")
+
+        # the plausible time range, then the split bounds over the events inside it
+        window = ts_window(adapter, params, sketch)
+        lo, hi = window["lo_ms"], window["hi_ms"]
+        spill_ds = ds.dataset(str(spill), format="parquet")
+        inside = (ds.field("ts") >= lo) & (ds.field("ts") < hi)
+        t0 = t1 = None
+        for batch in spill_ds.to_batches(columns=["ts"], filter=inside):
+            if batch.num_rows:
+                mm = pc.min_max(batch.column(0))
+                a, b = mm["min"].as_py(), mm["max"].as_py()
+                t0, t1 = (a, b) if t0 is None else (min(t0, a), max(t1, b))
+        if t0 is None:
+            raise no_events(f"no event time inside the plausible range: {window['detail']}")
+        bounds = split_bounds(t0, t1, params)
+        W = bounds["history_end_ms"]
+
+        # pass 2: user ranges, sorted, cleaned (time range, duplicates), split, written
+        deferred = _Deferred()
+        roles = {"behavior_only": 0, "impression_only": 0, "both": 0, "unused": 0}
+        by_split = {"train": 0, "valid": 0, "test": 0}
+        seen = {s: [None, None] for s in by_split}
+        th = {"test_impressions": 0, "test_no_history": 0, "test_no_history_before_watermark": 0,
+              "test_users": 0, "test_users_no_history": 0, "test_users_no_history_before_watermark": 0}
+        labels_pos, n_kept, n_users = 0, 0, 0
+        beh_cols = ["user_id", "item_id", "ts", "play_ms", "duration_ms", *adapter.cross]
+        key = list(adapter.dup_key)
+        imp_writer = None
+        with BehaviorWriter(new_raw / "behaviors") as bw:
+            for ulo, uhi in _user_ranges(user_counts.sort_index().astype(np.int64), budget):
+                t = spill_ds.to_table(filter=(ds.field("user_id") >= ulo) & (ds.field("user_id") <= uhi))
+                ev = t.to_pandas().sort_values(["user_id", "ts", "seq"], kind="stable").reset_index(drop=True)
+                ts = ev["ts"].to_numpy()
+                bad = (ts < lo) | (ts >= hi)
+                if bad.any():
+                    deferred.add(ev["seq"].to_numpy()[bad], "ts_out_of_range",
+                                 [f"{x} ms ({_iso(x) if HARD_TS_MS[0] <= x < HARD_TS_MS[1] else '?'}): "
+                                  f"{window['detail']}" for x in ts[bad]])
+                    ev = ev.loc[~bad].reset_index(drop=True)
+                dup = ev.duplicated(key, keep="first").to_numpy()
+                if dup.any():
+                    first = ev.groupby(key, sort=False)["seq"].transform("first").to_numpy()[dup]
+                    deferred.add(ev["seq"].to_numpy()[dup], "duplicate_event",
+                                 [f"same {', '.join(key)} as line {int(s) & ((1 << LINE_BITS) - 1)} of "
+                                  f"{files[int(s) >> LINE_BITS].name} (the first line is kept)" for s in first])
+                    ev = ev.loc[~dup].reset_index(drop=True)
+                if len(ev) == 0:
+                    continue
+                ev = adapter.finalize(ev, bounds)
+                n_kept += len(ev)
+                n_users += int(ev["user_id"].nunique())
+                beh = ev["beh"].to_numpy(bool)
+                imp = ev["imp"].to_numpy(bool) & (ev["ts"].to_numpy() >= W)
+                roles["behavior_only"] += int((beh & ~imp).sum())
+                roles["impression_only"] += int((~beh & imp).sum())
+                roles["both"] += int((beh & imp).sum())
+                roles["unused"] += int((~beh & ~imp).sum())
+                bw.write(pa.Table.from_pandas(ev.loc[beh, beh_cols], preserve_index=False))
+                im = ev.loc[imp, ["user_id", "item_id", "ts", "label"]].copy()
+                im["split"] = (assign_split(im["ts"].to_numpy(), bounds) if spec is None
+                               else assign_split_per_user(im["user_id"].to_numpy(), spec))
+                for s, g in im.groupby("split")["ts"]:
+                    by_split[s] += len(g)
+                    a, b = int(g.min()), int(g.max())
+                    seen[s] = [a, b] if seen[s][0] is None else [min(seen[s][0], a), max(seen[s][1], b)]
+                _test_history(ev.loc[beh, ["user_id", "ts"]], im[im["split"] == "test"], W, th)
+                labels_pos += int(im["label"].sum())
+                tab = conform(pa.Table.from_pandas(im, preserve_index=False), "impressions")
+                if imp_writer is None:
+                    imp_writer = pq.ParquetWriter(new_raw / "impressions.parquet", tab.schema)
+                imp_writer.write_table(tab)
+            n_beh = bw.n_rows
+        if imp_writer is None:
+            from twinv2.data.schema import IMPRESSIONS_SCHEMA
+            imp_writer = pq.ParquetWriter(new_raw / "impressions.parquet", IMPRESSIONS_SCHEMA)
+        imp_writer.close()
+        n_late = deferred.flush(quarantine, files)
+        if items is None:
+            items = adapter.after_events(adapter.items_from_events())
+        items_tab = conform(pa.Table.from_pandas(items.reset_index(drop=True), preserve_index=False), "items")
+        pq.write_table(items_tab, new_raw / "items.parquet")
         for f, fc in counts.items():
             fc.quarantined = quarantine.by_file.get(f, 0)
             fc.accepted = fc.lines - fc.quarantined
-        if n_events == 0:
-            raise DataError(f"{adapter.src}: no valid event line in {[str(p) for p, _, _ in adapter.event_files()]}"
-                            f"; {quarantine.total} lines quarantined by reason {quarantine.by_reason} "
-                            f"(see {quarantine.dest})")
-        bounds = split_bounds(t0, t1, params)
-        if items is None:
-            items = adapter.items_from_events()
-        items = adapter.after_events(items)
 
-        # pass 2: user ranges, sorted, written
-        roles = {"behavior_only": 0, "impression_only": 0, "both": 0, "unused": 0}
-        by_split = {"train": 0, "valid": 0, "test": 0}
-        labels_pos = 0
-        spill_ds = ds.dataset(str(spill), format="parquet")
-        beh_cols = ["user_id", "item_id", "ts", "play_ms", "duration_ms", *adapter.cross]
-        imp_path = paths.impressions("raw")
-        with atomic_path(imp_path) as imp_tmp:
-            imp_writer = None
-            with BehaviorWriter(paths.behaviors("raw")) as bw:
-                for lo, hi in _user_ranges(user_counts.sort_index().astype(np.int64), budget):
-                    t = spill_ds.to_table(filter=(ds.field("user_id") >= lo) & (ds.field("user_id") <= hi))
-                    ev = t.to_pandas().sort_values(["user_id", "ts", "seq"], kind="stable")
-                    ev = adapter.finalize(ev.reset_index(drop=True), bounds)
-                    beh = ev["beh"].to_numpy(bool)
-                    imp = ev["imp"].to_numpy(bool) & (ev["ts"].to_numpy() >= bounds["history_end_ms"])
-                    roles["behavior_only"] += int((beh & ~imp).sum())
-                    roles["impression_only"] += int((~beh & imp).sum())
-                    roles["both"] += int((beh & imp).sum())
-                    roles["unused"] += int((~beh & ~imp).sum())
-                    bw.write(pa.Table.from_pandas(ev.loc[beh, beh_cols], preserve_index=False))
-                    im = ev.loc[imp, ["user_id", "item_id", "ts", "label"]].copy()
-                    im["split"] = assign_split(im["ts"].to_numpy(), bounds)
-                    for s, n in im["split"].value_counts().items():
-                        by_split[s] += int(n)
-                    labels_pos += int(im["label"].sum())
-                    tab = conform(pa.Table.from_pandas(im, preserve_index=False), "impressions")
-                    if imp_writer is None:
-                        imp_writer = pq.ParquetWriter(imp_tmp, tab.schema)
-                    imp_writer.write_table(tab)
-                n_beh = bw.n_rows
-            if imp_writer is None:
-                from twinv2.data.schema import IMPRESSIONS_SCHEMA
-                imp_writer = pq.ParquetWriter(imp_tmp, IMPRESSIONS_SCHEMA)
-            imp_writer.close()
-        items_tab = conform(pa.Table.from_pandas(items.reset_index(drop=True), preserve_index=False), "items")
-        from twinv2.io import write_parquet
-        write_parquet(paths.items("raw"), items_tab)
+        n_imp = sum(by_split.values())
+        lines_read = sum(fc.lines for fc in counts.values())
+        accepted_lines = sum(fc.accepted for fc in counts.values())
+        accepted_events = sum(counts[str(p)].accepted for p in files)
+        mode = "global" if spec is None else "per_user"
+        report = {
+            "format": adapter.name, "src": str(adapter.src), "out": str(out),
+            "files": {f: vars(fc) for f, fc in counts.items()},
+            "lines_read": lines_read,
+            "lines_accepted": accepted_lines,
+            "lines_quarantined": quarantine.total,
+            "quarantined": dict(sorted(quarantine.by_reason.items())),
+            "event_lines_accepted": accepted_events,
+            "event_roles": roles,
+            "rows": {"items": len(items_tab), "behaviors": n_beh, "impressions": n_imp,
+                     "impressions_by_split": by_split},
+            "positive_rate": round(labels_pos / n_imp, 6) if n_imp else None,
+            "n_users": n_users,
+            "bounds": bounds,
+            "ts_range": {k: v for k, v in window.items() if k != "detail"} | {"rule": window["detail"]},
+            "split": mode,
+            **({"per_user": spec} if spec is not None else {}),
+            "test_no_history": th["test_no_history"],
+            "test_history": th,
+            **adapter.notes,
+        }
+        # counts add up
+        assert lines_read == accepted_lines + quarantine.total, report
+        assert all(fc.lines == fc.accepted + fc.quarantined for fc in counts.values()), report
+        assert n_events - n_late == n_kept == accepted_events == sum(roles.values()), (n_events, n_late, n_kept,
+                                                                                     accepted_events, roles)
+        assert n_beh == roles["behavior_only"] + roles["both"], report
+        assert n_imp == roles["impression_only"] + roles["both"], report
+        assert th["test_impressions"] == by_split["test"], report
+
+        meta = {"source": adapter.name, **bounds, "split": mode,
+                "src": str(adapter.src),
+                "cross_features": list(adapter.cross),
+                "ts_range_ms": [lo, hi], "ts_range_source": window["source"],
+                **adapter.meta}
+        if spec is None:
+            meta["splits_ms"] = {"train": [bounds["history_end_ms"], bounds["valid_start_ms"]],
+                                 "valid": [bounds["valid_start_ms"], bounds["test_start_ms"]],
+                                 "test": [bounds["test_start_ms"], bounds["end_ms"]]}
+        else:
+            meta["per_user_split"] = {
+                **spec, "rule": "per user, over its impression events with ts >= history_end_ms: the last `test` "
+                                "are test, the `valid` before them valid, the earlier ones train; behaviours "
+                                "before history_end_ms are history only (docs/data.md)",
+                "observed_ms": seen}
+        write_json(new_raw / "meta.json", meta)
         quarantine.close()
+        # the switch: raw/ first (one rename), then the quarantine that goes with it
+        _switch_dir(new_raw, paths.stage("raw"), work)
+        paths.quarantine.mkdir(parents=True, exist_ok=True)
+        os.replace(qpath, paths.quarantine / "ingest.parquet")
+        (paths.quarantine / "ingest.failed.parquet").unlink(missing_ok=True)
+        _fsync_dir(paths.quarantine)
     except BaseException:
         quarantine.abort()
         raise
-    finally:
-        shutil.rmtree(spill, ignore_errors=True)
-
-    n_imp = sum(by_split.values())
-    lines_read = sum(fc.lines for fc in counts.values())
-    accepted_lines = sum(fc.accepted for fc in counts.values())
-    event_files = {str(p) for p, _, _ in adapter.event_files()}
-    accepted_events = sum(fc.accepted for f, fc in counts.items() if f in event_files)
-    report = {
-        "format": adapter.name, "src": str(adapter.src), "out": str(out),
-        "files": {f: vars(fc) for f, fc in counts.items()},
-        "lines_read": lines_read,
-        "lines_accepted": accepted_lines,
-        "lines_quarantined": quarantine.total,
-        "quarantined": dict(sorted(quarantine.by_reason.items())),
-        "event_lines_accepted": accepted_events,
-        "event_roles": roles,
-        "rows": {"items": len(items_tab), "behaviors": n_beh, "impressions": n_imp,
-                 "impressions_by_split": by_split},
-        "positive_rate": round(labels_pos / n_imp, 6) if n_imp else None,
-        "n_users": int(len(user_counts)),
-        "bounds": bounds,
-        **adapter.notes,
-    }
-    # counts add up
-    assert lines_read == accepted_lines + quarantine.total, report
-    assert all(fc.lines == fc.accepted + fc.quarantined for fc in counts.values()), report
-    assert accepted_events == n_events == sum(roles.values()), (accepted_events, n_events, roles)
-    assert n_beh == roles["behavior_only"] + roles["both"], report
-    assert n_imp == roles["impression_only"] + roles["both"], report
-
-    meta = {"source": adapter.name, **bounds,
-            "splits_ms": {"train": [bounds["history_end_ms"], bounds["valid_start_ms"]],
-                          "valid": [bounds["valid_start_ms"], bounds["test_start_ms"]],
-                          "test": [bounds["test_start_ms"], bounds["end_ms"]]},
-            "src": str(adapter.src),
-            "cross_features": list(adapter.cross),
-            **adapter.meta}
-    write_json(paths.stage("raw") / "meta.json", meta)
     return report
+
+
+def _test_history(beh: pd.DataFrame, test: pd.DataFrame, W: int, th: dict) -> None:
+    """Count test impressions (and users, at their first test impression) whose user has no behaviour
+    strictly before the impression, and those whose user has none before the watermark W."""
+    if len(test) == 0:
+        return
+    first = beh.groupby("user_id")["ts"].min()
+    fb = test["user_id"].map(first).to_numpy(dtype=np.float64)       # NaN: no behaviour at all
+    ts = test["ts"].to_numpy()
+    with np.errstate(invalid="ignore"):
+        none = ~(fb < ts)
+        none_w = ~(fb < W)
+    th["test_impressions"] += len(test)
+    th["test_no_history"] += int(none.sum())
+    th["test_no_history_before_watermark"] += int(none_w.sum())
+    firsts = ~test["user_id"].duplicated(keep="first").to_numpy()    # sorted by (user, ts): the first one
+    th["test_users"] += int(firsts.sum())
+    th["test_users_no_history"] += int((none & firsts).sum())
+    th["test_users_no_history_before_watermark"] += int((none_w & firsts).sum())
 
 
 def _bar(enabled: bool, name: str):

@@ -65,6 +65,19 @@ class KuaiRand(Adapter):
 
             fc = counts.setdefault(str(f), FileCount())
             for block in read_lines(f, make_format, True, quarantine, fc, int(self.params.get("chunk_bytes", 32 << 20))):
+                block = block.reject_negative(["video_id", "author_id"], quarantine, f)
+                block = block.reject_int32("video_duration", block.table.column("video_duration").to_numpy(
+                    zero_copy_only=False), quarantine, f, "items.duration_ms")
+                first = pd.Series(block.table.column("tag").to_pylist(), dtype=object).str.split(",").str[0]
+                tag = pd.to_numeric(first.where(first.fillna("").str.len() > 0), errors="coerce").to_numpy(np.float64)
+                with np.errstate(invalid="ignore"):
+                    neg = tag < 0
+                if neg.any():
+                    block = block.reject(neg, quarantine, f, "negative_id",
+                                         [f"field 'tag': first tag {x:.0f} is negative; tag ids must be >= 0"
+                                          for x in tag[neg]])
+                    tag = tag[~neg]
+                block = block.reject_int32("tag", tag, quarantine, f, "items.category")
                 t = block.table
                 vid = t.column("video_id").to_numpy()
                 df = pd.DataFrame({"item_id": vid, "author_id": t.column("author_id").to_numpy(),
@@ -121,6 +134,11 @@ class KuaiRand(Adapter):
         return [(p, True, fmt_for(p)) for p in self.logs]
 
     def to_events(self, block: Block, file: Path, quarantine: Quarantine):
+        block = block.reject_negative(["user_id", "video_id"], quarantine, file)
+        block = block.reject_bad_ts("time_ms", block.table.column("time_ms").to_numpy(), quarantine, file)
+        for c in ("play_time_ms", "duration_ms"):
+            block = block.reject_int32(c, block.table.column(c).to_numpy(zero_copy_only=False), quarantine, file,
+                                       f"behaviors.{'play_ms' if c == 'play_time_ms' else c}")
         t = block.table
         vid = t.column("video_id").to_numpy()
         unknown = ~np.isin(vid, self.items_known)
@@ -147,7 +165,7 @@ class KuaiRand(Adapter):
             "user_id": t.column("user_id").to_numpy(),
             "item_id": vid,
             "ts": as_int(t.column("time_ms").to_numpy()),
-            "play_ms": np.clip(np.round(play), 0, 2**31 - 1).astype(np.int64),
+            "play_ms": np.round(play).astype(np.int64),           # checked above: fits int32
             "duration_ms": np.where(ok, np.round(np.nan_to_num(dur)), -1).astype(np.int64),  # -1: the item's
             "liked": (np.nan_to_num(like) > 0).astype(np.int8),
             "beh": (click == 1) | (play > 0),

@@ -38,6 +38,17 @@ LAYOUTS = {   # layout: (ratings file name or suffix, item file name or suffix)
 }
 
 
+def _id_error(value: str, field: str) -> tuple[str, str] | None:
+    """None for an item id that is a non-negative integer fitting int64, else (reason, detail)."""
+    if not value.isdigit():
+        if value.startswith("-") and value[1:].isdigit():
+            return "negative_id", f"field {field!r}: {value[:80]} is negative; ids must be >= 0"
+        return "not_numeric", f"field {field!r}: expected an integer, got {value[:80]!r}"
+    if int(value) >= 9_000_000_000_000_000_000:
+        return "overflow", f"field {field!r}: {value[:80]} does not fit a 64-bit integer"
+    return None
+
+
 def genre_id(name: str) -> int:
     return GENRE_ID.get(name.strip().lower(), 0)
 
@@ -115,8 +126,8 @@ class MovieLens(Adapter):
                                                               f"(id, title, dates, url, 19 genre flags), got {len(parts)}")
                     continue
                 flags = parts[5:]
-                if not parts[0].isdigit():
-                    yield lineno, None, None, ("not_numeric", f"field 'movie id': expected an integer, got {parts[0][:80]!r}")
+                if _id_error(parts[0], "movie id"):
+                    yield lineno, None, None, _id_error(parts[0], "movie id")
                 elif any(x not in ("0", "1") for x in flags):
                     yield lineno, None, None, ("bad_value", "genre flags: expected 19 values 0/1")
                 else:
@@ -138,8 +149,8 @@ class MovieLens(Adapter):
                 if len(parts) != len(names):
                     yield lineno, None, None, ("field_count", f"expected {len(names)} tab-separated fields "
                                                               f"({', '.join(names)}), got {len(parts)}")
-                elif not parts[ii].isdigit():
-                    yield lineno, None, None, ("not_numeric", f"field 'item_id': expected an integer, got {parts[ii][:80]!r}")
+                elif _id_error(parts[ii], "item_id"):
+                    yield lineno, None, None, _id_error(parts[ii], "item_id")
                 else:
                     toks = parts[gi].split()
                     yield lineno, int(parts[ii]), (genre_id(toks[0]) if toks else 0), None
@@ -151,8 +162,8 @@ class MovieLens(Adapter):
                 if len(parts) != 3:
                     yield lineno, None, None, ("field_count", "expected 3 fields (movie id, title, genres "
                                                               f"A|B), got {len(parts)}")
-                elif not parts[0].isdigit():
-                    yield lineno, None, None, ("not_numeric", f"field 'movieId': expected an integer, got {parts[0][:80]!r}")
+                elif _id_error(parts[0], "movieId"):
+                    yield lineno, None, None, _id_error(parts[0], "movieId")
                 else:
                     yield lineno, int(parts[0]), genre_id(parts[2].split("|")[0]), None
 
@@ -183,10 +194,13 @@ class MovieLens(Adapter):
         return [(path, header, make_format)]
 
     def to_events(self, block: Block, file: Path, quarantine: Quarantine):
+        block = block.reject_negative(["user_id", "item_id"], quarantine, file)
         t = block.table
         rating = t.column("rating").to_numpy()
         bad = (rating < 0) | (rating > 10)
         block = block.reject(bad, quarantine, file, "bad_value", "field 'rating': expected 0..10 (MovieLens uses 0.5-5)")
+        block = block.reject_bad_ts("ts", np.round(block.table.column("ts").to_numpy()) * 1000.0, quarantine, file,
+                                    unit="s")
         t = block.table
         unknown = ~np.isin(t.column("item_id").to_numpy(), self.items_known)
         block = block.reject(unknown, quarantine, file, "unknown_item",
@@ -197,7 +211,7 @@ class MovieLens(Adapter):
         ev = pd.DataFrame({
             "user_id": t.column("user_id").to_numpy(),
             "item_id": t.column("item_id").to_numpy(),
-            "ts": as_int(t.column("ts").to_numpy()) * 1000,      # seconds -> ms
+            "ts": as_int(t.column("ts").to_numpy()) * 1000,      # seconds -> ms (checked above: no overflow)
             "play_ms": np.round(np.minimum(rating, 5.0) / 5.0 * self.duration_ms).astype(np.int32),
             "duration_ms": np.int32(self.duration_ms),
             "rating": rating,

@@ -10,7 +10,8 @@ Mapping:
                  depth of the action: play_ms = {pv .25, fav .5, cart .75, buy 1.0} * duration_ms
     impressions  pv events with ts >= history_end; label = 1 when the same user fav/cart/buys the same
                  item at or after the pv and within label_window_h hours
-Events outside params ingest.taobao.ts_range_ms (the dataset's documented 9 days) are quarantined.
+Events outside params ingest.taobao.ts_range_ms (the dataset's documented 9 days) are quarantined
+(common.ingest, reason ts_out_of_range).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ DEPTH = np.array([0.25, 0.5, 0.75, 1.0])
 class Taobao(Adapter):
     name = "taobao"
     cross = ("liked",)
+    dup_key = ("user_id", "item_id", "ts", "action")     # a pv and a buy of one second are two events
 
     def discover(self) -> None:
         src = self.src
@@ -45,7 +47,7 @@ class Taobao(Adapter):
         self.duration_ms = int(p.get("nominal_duration_ms", 60_000))
         self.window_ms = int(float(p.get("label_window_h", 24)) * 3_600_000)
         rng = p.get("ts_range_ms")
-        self.ts_range = None if rng is None else (int(rng[0]), int(rng[1]))
+        self.ts_range = None if rng is None else (int(rng[0]), int(rng[1]))   # applied by common.ingest
         self._items: list[pd.DataFrame] = []
         self.meta.update({
             "label": f"pv followed by fav/cart/buy of the same item within {self.window_ms // 3_600_000} h",
@@ -65,18 +67,15 @@ class Taobao(Adapter):
         return [(p, False, lambda first, p=p: make_format(first, p)) for p in self.files]
 
     def to_events(self, block: Block, file: Path, quarantine: Quarantine):
-        ts = block.table.column("timestamp").to_numpy() * 1000
-        if self.ts_range is not None:
-            out = (ts < self.ts_range[0]) | (ts >= self.ts_range[1])
-            block = block.reject(out, quarantine, file, "ts_out_of_range",
-                                 f"field 'timestamp': outside [{self.ts_range[0] // 1000}, "
-                                 f"{self.ts_range[1] // 1000}) s, the dataset's documented period")
-            ts = ts[~out]
+        block = block.reject_negative(["user_id", "item_id", "category_id"], quarantine, file)
+        block = block.reject_int32("category_id", block.table.column("category_id").to_numpy(), quarantine, file,
+                                   "items.category")
+        block = block.reject_bad_ts("timestamp", block.table.column("timestamp").to_numpy().astype(np.float64) * 1000,
+                                    quarantine, file, unit="s")
         t = block.table
+        ts = t.column("timestamp").to_numpy() * 1000          # checked above: no overflow
         action = pd.Categorical(t.column("behavior_type").to_pylist(), categories=ACTIONS).codes.astype(np.int8)
         item = t.column("item_id").to_numpy()
-        self._items.append(pd.DataFrame({"item_id": item, "category": t.column("category_id").to_numpy()})
-                           .drop_duplicates())
         ev = pd.DataFrame({
             "user_id": t.column("user_id").to_numpy(),
             "item_id": item,
@@ -85,6 +84,7 @@ class Taobao(Adapter):
             "duration_ms": np.int32(self.duration_ms),
             "liked": (action > 0).astype(np.int8),
             "action": action,
+            "category": t.column("category_id").to_numpy().astype(np.int32),
             "beh": True,
             "imp": action == 0,
             "label": np.int8(0),
@@ -92,7 +92,11 @@ class Taobao(Adapter):
         return block, ev
 
     def items_from_events(self) -> pd.DataFrame:
-        pairs = pd.concat(self._items, ignore_index=True).drop_duplicates()
+        """Items of the accepted events; an item seen with two categories keeps the one of its earliest line."""
+        pairs = (pd.concat(self._items, ignore_index=True) if self._items
+                 else pd.DataFrame({"item_id": np.zeros(0, np.int64), "category": np.zeros(0, np.int32),
+                                    "seq": np.zeros(0, np.int64)}))
+        pairs = pairs.sort_values("seq", kind="stable").drop_duplicates(["item_id", "category"])
         conflicts = pairs.duplicated("item_id", keep="first")
         self.notes["items_category_conflicts"] = int(conflicts.sum())
         items = pairs.loc[~conflicts].sort_values("item_id", kind="stable")
@@ -100,8 +104,11 @@ class Taobao(Adapter):
                              "category": items["category"].to_numpy(), "duration_ms": self.duration_ms})
 
     def finalize(self, ev: pd.DataFrame, bounds: dict[str, int]) -> pd.DataFrame:
-        """label of a pv: a fav/cart/buy of the same (user, item) at ts in [pv ts, pv ts + window]."""
+        """label of a pv: a fav/cart/buy of the same (user, item) at ts in [pv ts, pv ts + window]; the
+        items (with their category) are collected here, from accepted events only."""
         ev = ev.copy()
+        g = ev.groupby(["item_id", "category"], sort=False)["seq"].min().reset_index()
+        self._items.append(g)
         order = np.lexsort((ev["action"].to_numpy() > 0, ev["ts"].to_numpy(),
                             ev["item_id"].to_numpy(), ev["user_id"].to_numpy()))
         s = ev.iloc[order]
