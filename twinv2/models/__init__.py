@@ -26,7 +26,8 @@ REGISTRY: dict[str, type[CTRModel]] = {
     "din": DIN,
     "avg_pool": AvgPool,
 }
-MODEL_NAMES = tuple(REGISTRY)
+MODEL_NAMES = tuple(REGISTRY)               # the neural models (build_model builds each)
+TRAINABLE = (*MODEL_NAMES, "gbdt")          # everything `twinv2 train --model` accepts (gbdt: twinv2/models/gbdt.py)
 
 REQUIRED = ("embed_dim", "side_dim", "cross_dim", "n_heads", "head_dim", "topk", "short_len", "twin_window",
             "twin_full_len", "din_len", "din_att_mlp", "mlp", "sim_soft_dim", "eta_bits", "sdim_hashes",
@@ -50,4 +51,4 @@ def build_model(name: str, vocab: dict, params: dict) -> CTRModel:
     return REGISTRY[name](vocab, model_params(params))
 
 
-__all__ = ["build_model", "model_params", "REGISTRY", "MODEL_NAMES", "CTRModel"]
+__all__ = ["build_model", "model_params", "REGISTRY", "MODEL_NAMES", "TRAINABLE", "CTRModel"]

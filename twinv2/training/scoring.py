@@ -21,7 +21,7 @@ from twinv2.training.world import World, load_world
 
 
 def load_run_model(run: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, config, vocab) of a run directory."""
+    """(model in eval mode, config, vocab) of a run directory (a gbdt run: its GBDTModel)."""
     from twinv2.models import build_model
 
     run = Path(run)
@@ -30,6 +30,11 @@ def load_run_model(run: str | Path, device: str | torch.device = "cpu"):
             raise FileNotFoundError(f"{run / f} not found: expected a run directory written by `twinv2 train`")
     config = read_json(run / "config.json")
     vocab = Vocab.load(run / "vocab.npz")
+    if config.get("model") == "gbdt":          # boosted trees (arrays in model.pt), scored on the CPU
+        from twinv2.models.gbdt import FEATURE_NAMES, GBDTModel
+
+        return GBDTModel.from_state(load_checkpoint(run / "model.pt"), config.get("feature_names", FEATURE_NAMES)), \
+            config, vocab
     model = build_model(config["model"], vocab.sizes(), config["params"])
     model.load_state_dict(load_checkpoint(run / "model.pt"))
     return model.to(device).eval(), config, vocab
@@ -59,6 +64,8 @@ class RunScorer:
         if "label" not in df.columns:
             df["label"] = 0
         s = self.world.samples(None, df)
+        if not isinstance(self.model, torch.nn.Module):      # gbdt: features of the samples, then the trees
+            return self.model.predict_samples(self.world, s)
         return predict(self.model, loader(self.world.dataset(s, self.model), self.batch_size, shuffle=False),
                        self.device)
 
@@ -78,6 +85,8 @@ class RunScorer:
             return np.zeros(0, np.float64)
         t = self.default_ts() if ts is None else int(ts)
         df = pd.DataFrame({"user_id": np.full(n, int(user), np.int64), "item_id": items, "ts": t, "label": 0})
+        if not isinstance(self.model, torch.nn.Module):      # gbdt: per-row features are already vectorised
+            return self.predict_frame(df)["prob"]
         ds = self.world.dataset(self.world.samples(None, df), self.model)
         one = to_device(ds[[0]], self.device)                  # the user's sequences, built once
         batch = {"target": to_device(ds.targets(np.arange(n)), self.device),
