@@ -62,6 +62,12 @@ def _warm_start(model: torch.nn.Module, path: str | Path) -> dict:
 def run(data: str | Path, model: str, out: str | Path, params: dict | None = None, resume: bool = False,
         warm_start: str | Path | None = None) -> dict:
     params = params or load_params()
+    from twinv2.models import TRAINABLE
+    if model not in TRAINABLE:
+        raise ValueError(f"--model {model!r} is not a model; expected one of {list(TRAINABLE)}")
+    if model == "gbdt":                 # boosted trees over life-cycle statistics: no torch model, no DDP
+        from pipelines import train_gbdt
+        return train_gbdt.run(data, out, params, resume=resume, warm_start=warm_start)
     tp = dict(params.get("train", {}))
     cfg = TrainConfig.from_params(tp)
     out = Path(out)
