@@ -21,10 +21,13 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from twinv2.data.schema import SPLITS
 
 COMPLETION = "_completion"     # derived column added to every behaviours batch: play_ms / duration_ms
+P_TRUE_NAN = "_p_true_nan"     # derived column of every impressions batch: 1.0 where p_true is NaN (not null)
 
 
 @dataclass(frozen=True)
@@ -210,17 +213,32 @@ RULES: dict[str, list[Rule]] = {
     "impressions": [
         *(not_null(c) for c in ("user_id", "item_id", "ts", "label", "split")),
         in_set("label_binary", "label", "label not in {0, 1}", lambda b: [0, 1]),
+        between("p_true_not_nan", P_TRUE_NAN, "p_true is NaN (a present p_true must be a finite number in "
+                "[0, 1]; leave it null where the ground truth is unknown)", lambda b: None, lambda b: 0.0),
         between("p_true_in_unit", "p_true", "p_true outside [0, 1]", lambda b: 0.0, lambda b: 1.0),
         in_set("split_known", "split", f"split not one of {list(SPLITS)}", lambda b: list(SPLITS)),
         *_ts_rules("impressions"),
+        unique("no_duplicate", ["user_id", "item_id", "ts"],
+               "duplicate impression: same (user_id, item_id, ts) as an earlier row"),
         _known_item(),
         split_order(),
     ],
 }
 
 
-def prepare_batch(df: pd.DataFrame, table: str) -> pd.DataFrame:
-    """Add the derived columns the rules (and GX) read. Returns a new frame; the input is untouched."""
+def prepare_batch(df: pd.DataFrame, table: str, raw: pa.Table | None = None) -> pd.DataFrame:
+    """Add the derived columns the rules (and GX) read. Returns a new frame; the input is untouched.
+
+    `raw` is the Arrow batch df was converted from: pandas turns a null p_true into NaN, so NaN (a value
+    that is present but not a number) can only be told from null (unknown, allowed) on the Arrow side.
+    Without `raw` every NaN p_true counts as null."""
+    if table == "impressions":
+        nan = np.zeros(len(df), dtype=np.float64)
+        if raw is not None and "p_true" in raw.column_names:
+            col = raw.column("p_true")
+            if pa.types.is_floating(col.type):
+                nan = pc.fill_null(pc.is_nan(col), False).to_numpy(zero_copy_only=False).astype(np.float64)
+        return df.assign(**{P_TRUE_NAN: nan})
     if table != "behaviors":
         return df
     play, _ = _num(df, "play_ms")

@@ -11,6 +11,7 @@ and GX agreement. A table-level failure writes the report and quarantine, remove
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 
 from twinv2.data.schema import SPLITS, TABLES, DatasetPaths
 from twinv2.data.store import BehaviorWriter, iter_user_chunks, write_table
-from twinv2.errors import DataError, ValidationFailed
+from twinv2.errors import ConfigError, DataError, ValidationFailed
 from twinv2.io import write_json
 from twinv2.validation.quarantine import QuarantineWriter, label_rows
 from twinv2.validation.rules import Bounds, active_rules, estimate_split_edges, prepare_batch, row_masks
@@ -93,7 +94,7 @@ class _Checker:
 
     def __call__(self, raw: pa.Table) -> pa.Table:
         """Check one batch of raw rows; quarantine the bad ones; return the accepted raw rows."""
-        df = prepare_batch(raw.to_pandas(), self.rep.name)
+        df = prepare_batch(raw.to_pandas(), self.rep.name, raw)
         masks = row_masks(df, self.rep.name, self.b)
         if self.gx is not None:
             self._confirm(df, masks)
@@ -158,11 +159,42 @@ def _quarantine_schema(schema: pa.Schema) -> pa.Schema:
     return schema.remove_metadata()
 
 
+def _invalidate(paths: DatasetPaths) -> None:
+    """Withdraw the previous validation before reading anything: whatever this run ends in (a table-level
+    failure, unreadable input, a kill), no later stage may take the old DIR/validated for the validation
+    of the current raw data. validated/ is renamed away (one atomic step) and removed; validation.json
+    says the validation is running; the old GX results go."""
+    if not paths.root.is_dir():
+        return
+    val = paths.stage("validated")
+    if val.exists():
+        gone = val.with_name(f".{val.name}.invalid.{os.getpid()}")
+        os.replace(val, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    (paths.reports / "gx" / "validation_results.json").unlink(missing_ok=True)
+    write_json(paths.reports / "validation.json",
+               {"success": False, "status": "running", "started_s": time.time(),
+                "summary": f"validation of {paths.stage('raw')} started and has not finished (running, killed, or "
+                           f"it failed before writing its report); {val} is withdrawn until it passes"})
+
+
 def validate_dataset(data: str | Path, params: dict | None = None) -> dict[str, Any]:
     vp = {**DEFAULTS, **((params or {}).get("validate") or {})}
     if vp["unsorted_policy"] not in ("sort", "fail"):
-        raise ValueError(f"params validate.unsorted_policy must be 'sort' or 'fail', got {vp['unsorted_policy']!r}")
+        raise ConfigError(f"params validate.unsorted_policy must be 'sort' or 'fail', got {vp['unsorted_policy']!r}")
     paths = DatasetPaths(data)
+    _invalidate(paths)
+    try:
+        return _validate(paths, vp)
+    except DataError as e:
+        if paths.root.is_dir():
+            write_json(paths.reports / "validation.json",
+                       {"success": False, "status": "error", "error": str(e), "failures": [str(e)],
+                        "summary": f"validation FAILED: the input cannot be read: {e}"})
+        raise
+
+
+def _validate(paths: DatasetPaths, vp: dict) -> dict[str, Any]:
     raw_dir = paths.stage("raw")
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir}: no raw/ directory; expected items.parquet, behaviors/, impressions.parquet "
@@ -350,7 +382,7 @@ def _report(reps: dict[str, TableReport], b: Bounds, vp: dict, meta: dict, secon
     if failures:
         summary += " Table-level failures: " + " | ".join(failures) + "."
     rows = sum(r.rows_in for r in reps.values())
-    return {"success": ok, "tables": tables, "failures": failures, "summary": summary,
+    return {"success": ok, "status": "passed" if ok else "failed", "tables": tables, "failures": failures, "summary": summary,
             "seconds": round(seconds, 3), "rows_per_s": rows / seconds if seconds > 0 else None,
             "bounds": {"history_start_ms": b.history_start_ms, "history_end_ms": b.history_end_ms,
                        "end_ms": b.end_ms, "now_ms": b.now_ms, "max_completion": b.max_completion,
