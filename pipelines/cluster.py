@@ -75,16 +75,19 @@ def _load_external_embeddings(spec: str) -> ItemEmbedding:
     """An item_embeddings.npz, a run directory holding one, a trained model's weights (RUN/model.pt or
     RUN/checkpoints/epoch-NNNN.pt), or an MLflow URI whose artifacts hold an item_embeddings.npz."""
     if "://" in spec or spec.startswith(("runs:/", "models:/")):
-        import tempfile
-
         import mlflow
 
-        dest = Path(tempfile.mkdtemp(prefix="twinv2-emb-"))
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dest)))
-        found = [local] if local.is_file() else sorted(local.rglob("item_embeddings.npz"))
-        if not found:
-            raise FileNotFoundError(f"{spec}: the MLflow artifacts hold no item_embeddings.npz")
-        return load_npz(found[0], source=spec)
+        from twinv2.io import make_system_temp_dir
+
+        dest = make_system_temp_dir("twinv2-emb-")           # stale ones of killed runs are removed first
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dest)))
+            found = [local] if local.is_file() else sorted(local.rglob("item_embeddings.npz"))
+            if not found:
+                raise FileNotFoundError(f"{spec}: the MLflow artifacts hold no item_embeddings.npz")
+            return load_npz(found[0], source=spec)                # read whole: the download can go
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
     if Path(spec).suffix == ".pt":
         return from_checkpoint(spec)
     return load_npz(spec, source=str(spec))

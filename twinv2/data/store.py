@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -77,7 +76,9 @@ class BehaviorWriter:
     def __init__(self, dest: str | Path, rows_per_file: int = 2_000_000):
         self.dest = Path(dest)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.dest.parent))
+        from twinv2.io import make_temp_dir
+
+        self._tmp = make_temp_dir(self.dest)   # owner in the name (stale ones are swept), umask permissions
         self.rows_per_file = rows_per_file
         self._buf: list[pa.Table] = []
         self._buf_rows = 0

@@ -7,13 +7,13 @@ text, joined by "; ". One DIR/quarantine/<table>.parquet per table, streamed and
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from twinv2.io import make_temp_file
 from twinv2.validation.rules import Rule
 
 
@@ -39,10 +39,7 @@ class QuarantineWriter:
 
     def __init__(self, dest: str | Path, raw_schema: pa.Schema):
         self.dest = Path(dest)
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.dest.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = make_temp_file(self.dest)       # owner in the name, umask permissions
         self.schema = raw_schema.append(pa.field("reason", pa.string())).append(pa.field("expectation", pa.string()))
         self._writer = pq.ParquetWriter(self._tmp, self.schema)
         self.n_rows = 0

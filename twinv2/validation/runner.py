@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from twinv2.data.schema import SPLITS, TABLES, DatasetPaths
 from twinv2.data.store import BehaviorWriter, iter_user_chunks, write_table
 from twinv2.errors import ConfigError, DataError, ValidationFailed
-from twinv2.io import write_json
+from twinv2.io import owner_tag, write_json
 from twinv2.validation.quarantine import QuarantineWriter, label_rows
 from twinv2.validation.rules import Bounds, active_rules, estimate_split_edges, prepare_batch, row_masks
 from twinv2.validation.tables import (behavior_parts, read_meta, read_parquet_file, schema_problems,
@@ -168,7 +168,7 @@ def _invalidate(paths: DatasetPaths) -> None:
         return
     val = paths.stage("validated")
     if val.exists():
-        gone = val.with_name(f".{val.name}.invalid.{os.getpid()}")
+        gone = val.with_name(f".{val.name}.invalid.{owner_tag()}.tmp")
         os.replace(val, gone)
         shutil.rmtree(gone, ignore_errors=True)
     (paths.reports / "gx" / "validation_results.json").unlink(missing_ok=True)
