@@ -2,7 +2,8 @@
 
 Writes DIR/raw/{items.parquet, behaviors/, impressions.parquet, meta.json},
 DIR/quarantine/ingest.parquet (file, line, text, reason, detail of every rejected line) and
-DIR/reports/ingest.json (lines read, rows per table, quarantined by reason; the counts add up)."""
+DIR/reports/ingest.json (lines read, rows per table, quarantined by reason; the counts add up; test
+impressions without history). All-or-nothing: a failed run leaves the previous DIR/raw untouched."""
 from __future__ import annotations
 
 import time
@@ -28,6 +29,7 @@ def run(fmt: str, src, out, params: dict | None = None, progress: bool = True) -
         f"ingest {fmt}: {report['lines_read']:,} lines read, {report['lines_quarantined']:,} quarantined "
         f"{report['quarantined'] or ''}; {r['items']:,} items, {r['behaviors']:,} behaviours, "
         f"{r['impressions']:,} impressions {r['impressions_by_split']} of {report['n_users']:,} users "
-        f"-> {out}/raw ({report['seconds']} s)")
+        f"({report['split']} split; {report['test_no_history']:,} of {r['impressions_by_split']['test']:,} test "
+        f"impressions have no history) -> {out}/raw ({report['seconds']} s)")
     write_json(DatasetPaths(out).reports / "ingest.json", report)
     return report
