@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,21 +358,25 @@ def test_failed_reingest_leaves_the_previous_raw_whole(tmp_path, P, monkeypatch)
 
 def test_work_folder_of_a_killed_run_is_cleaned_and_a_half_switch_repaired(tmp_path, P):
     from twinv2.data.adapters.common import clean_stale
+    from twinv2.io import owner_tag
 
+    dead_tag = owner_tag().replace(f"@{os.getpid()}@", "@999999999@")       # this host, a process that is gone
     a = FORMATS["ml1m"]
     run(a, tmp_path, P)
     out = tmp_path / "out"
     before = _digest(out / "raw")
     # a run killed between the two renames of the switch: raw/ moved into its work folder, no new raw/
-    dead = out / ".ingest-work.999999999.abc"
+    dead = out / f".ingest-work.{dead_tag}abc"
     dead.mkdir()
     (out / "raw").rename(dead / "old-raw")
     assert clean_stale(out) == [dead.name]
     assert _digest(out / "raw") == before and not dead.exists()
     # a killed run's leftovers are removed by the next ingest
-    (out / ".ingest-work.999999999.def/spill").mkdir(parents=True)
+    (out / f".ingest-work.{dead_tag}def/spill").mkdir(parents=True)
+    (out / f".ingest-work.{owner_tag()}live").mkdir()                       # a live run's: kept
     r = run(a, tmp_path, P)
-    assert r["stale_work_removed"] == [".ingest-work.999999999.def"]
+    assert r["stale_work_removed"] == [f".ingest-work.{dead_tag}def"]
+    assert (out / f".ingest-work.{owner_tag()}live").exists()
 
 
 # ---------------------------------------------------------------- property: random one-line corruptions

@@ -591,7 +591,7 @@ def _user_ranges(counts: pd.Series, budget: int) -> list[tuple[int, int]]:
 
 
 LINE_BITS = 40                     # seq = file index << 40 | line number
-WORK_PREFIX = ".ingest-work."      # DIR/.ingest-work.<pid>.<random>/: everything a run writes before the switch
+WORK_PREFIX = ".ingest-work."      # DIR/.ingest-work.@<host>@<pid>@<random>/: what a run writes before the switch
 
 
 class _Deferred:
@@ -623,29 +623,15 @@ class _Deferred:
         return len(seq)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(out: Path) -> list[str]:
-    """Remove the work folders of ingest runs that were killed (their process is gone). A run killed
-    between the two renames of the switch left DIR/raw missing and the previous raw/ in its work folder:
-    that raw/ is put back first."""
+    """Remove the work folders of ingest runs that were killed (twinv2.io.is_stale: this user's, and the
+    owner process named in the folder is gone). A run killed between the two renames of the switch left
+    DIR/raw missing and the previous raw/ in its work folder: that raw/ is put back first."""
+    from twinv2.io import is_stale
+
     removed = []
     for d in sorted(Path(out).glob(WORK_PREFIX + "*")):
-        try:
-            pid = int(d.name[len(WORK_PREFIX):].split(".")[0])
-        except ValueError:
-            continue
-        if _pid_alive(pid):
+        if not is_stale(d):
             continue
         raw = Path(out) / "raw"
         if not raw.exists() and (d / "old-raw").is_dir():
@@ -686,7 +672,7 @@ def ingest(adapter: Adapter, out: Path, params: dict, progress: bool = False) ->
     """Run an adapter: write out/raw/{items.parquet, behaviors/, impressions.parquet, meta.json},
     out/quarantine/ingest.parquet; return the report (the caller writes it).
 
-    All-or-nothing: everything is written into DIR/.ingest-work.<pid>.*/ first; only a run that succeeds
+    All-or-nothing: everything is written into DIR/.ingest-work.@<host>@<pid>@*/ first; only a run that succeeds
     replaces DIR/raw (a rename) and then DIR/quarantine/ingest.parquet. A failed run leaves the previous
     raw/ untouched (and its quarantine in DIR/quarantine/ingest.failed.parquet when it got that far)."""
     out = Path(out)
@@ -695,7 +681,9 @@ def ingest(adapter: Adapter, out: Path, params: dict, progress: bool = False) ->
     adapter.discover()
     out.mkdir(parents=True, exist_ok=True)
     stale = clean_stale(out)
-    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}.", dir=out))
+    from twinv2.io import owner_tag
+
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{owner_tag()}", dir=out))
     try:
         report = _ingest(adapter, out, work, params, spec, progress)
     finally:
