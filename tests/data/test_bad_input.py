@@ -229,6 +229,24 @@ def test_duplicate_event_line_is_quarantined_first_kept(tmp_path, P, clean, name
     assert r["bounds"] == clean[name]["bounds"]
 
 
+@pytest.mark.parametrize("name", ["mlcsv", "ml100k", "taobao", "kuairand"])
+def test_truncated_last_line_without_newline(tmp_path, P, clean, name):
+    """The issue's case: the file ends in the middle of the last line's timestamp (`...,965031`, no
+    newline): a 1970 date, quarantined; before, it became the span's start and emptied train and valid."""
+    fmt = FORMATS[name]
+
+    def cut(lines):
+        last = lines[K]
+        i = last.index(b"1600")                 # the ts field (seconds or ms): keep its first 6 digits
+        return [*lines[:K], *lines[K + 1:], last[:i + 6]]
+    r = run(fmt, tmp_path, P, edit=cut)
+    q = quarantine(tmp_path)
+    assert [(f, ln, reason) for f, ln, reason, _ in q] == [(Path(fmt.event_file).name, N - 1 + fmt.offset,
+                                                            "field_count" if name == "kuairand" else "ts_out_of_range")]
+    assert r["bounds"] == clean[name]["bounds"]
+    assert all(v > 0 for v in r["rows"]["impressions_by_split"].values())
+
+
 def test_taobao_pv_and_buy_of_one_second_are_two_events(tmp_path, P):
     fmt = FORMATS["taobao"]
     ev = clean_events()
