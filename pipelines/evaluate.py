@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from twinv2 import progress
 from twinv2.config import load_params
 from twinv2.io import atomic_path, write_json
 from twinv2.metrics.ctr import auc, calibration, gauc, logloss
@@ -37,7 +38,11 @@ def run(data: str | Path, run: str | Path, params: dict | None = None) -> dict:
     test = world.impressions[world.impressions["split"] == "test"].reset_index(drop=True)
     if len(test) == 0:
         raise ValueError(f"{data}: the validated impressions hold no 'test' rows; expected split train/valid/test")
+    bar = progress.bar(total=4, desc="evaluate", unit="step", section=ep,
+                       bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}] {postfix}")
+    bar.set_postfix_str(f"scoring {len(test):,} test impressions")
     pred = scorer.predict_frame(test)
+    bar.update()
     y, p, u = pred["label"], pred["prob"], pred["user"]
     g = gauc(u, y, p)
     p_true = test["p_true"].to_numpy(np.float64, na_value=np.nan) if "p_true" in test.columns else np.full(len(test), np.nan)
@@ -45,8 +50,12 @@ def run(data: str | Path, run: str | Path, params: dict | None = None) -> dict:
     a = auc(y, p)
     n_groups = int(ep.get("n_user_groups", 4))
     groups = by_group(u, y, p, world.user_lengths(), n_groups)
-    diversity = {"retrieval": _retrieval_diversity(scorer, test, int(ep.get("batch_size", 1024))),
-                 "ranking": _ranking_diversity(scorer, test, ep)}
+    bar.set_postfix_str("retrieval diversity")
+    retrieval = _retrieval_diversity(scorer, test, int(ep.get("batch_size", 1024)))
+    bar.update()
+    bar.set_postfix_str("ranking diversity")
+    diversity = {"retrieval": retrieval, "ranking": _ranking_diversity(scorer, test, ep)}
+    bar.update()
     cal = calibration(y, p)
     metrics = {
         "model": scorer.config["model"], "auc": a, "gauc": g["gauc"], "logloss": logloss(y, p),
@@ -58,12 +67,15 @@ def run(data: str | Path, run: str | Path, params: dict | None = None) -> dict:
     }
     if ep.get("plots", True):
         metrics["plots"] = _plots(run / "plots", y, p, p_true, groups, cal, metrics["model"])
+    bar.set_postfix_str("done")
+    bar.update()
+    bar.close()
     metrics["wall_s"] = time.perf_counter() - t0
     metrics["summary"] = (f"evaluated {metrics['model']} on {len(test):,} test impressions: AUC {_r(a)}, GAUC "
                           f"{_r(g['gauc'])}, logloss {_r(metrics['logloss'])}, oracle AUC {_r(oracle)} -> "
                           f"{run / 'metrics.json'}")
     write_json(run / "metrics.json", metrics)
-    _mlflow_log(run, metrics)
+    _mlflow_log(run, metrics, ep)
     return metrics
 
 
@@ -165,11 +177,14 @@ def _plots(folder: Path, y, p, p_true, groups, cal, name) -> list[str]:
     return written
 
 
-def _mlflow_log(run: Path, metrics: dict) -> None:
-    """Into the active run, the run MLFLOW_RUN_ID names, or an own run when MLFLOW_TRACKING_URI is set."""
-    from pipelines.train import _flat, _mlflow_wanted
+def _mlflow_log(run: Path, metrics: dict, ep: dict | None = None) -> None:
+    """Into the active run, the run MLFLOW_RUN_ID names, or an own run when MLFLOW_TRACKING_URI or TWINV2_MLFLOW
+    is set: the metrics under one name each (tracking.report_metrics: auc, gauc, ece, group<i>.auc, ...; no
+    settings), the evaluate params, the validated data as a dataset input, metrics.json and the plots."""
+    from pipelines import tracking
+    from pipelines.train import _flat
 
-    if not _mlflow_wanted():
+    if not tracking.tracking_wanted():
         return
     import mlflow
 
@@ -177,17 +192,19 @@ def _mlflow_log(run: Path, metrics: dict) -> None:
     if own:
         import os
 
+        tracking.use_store()
         rid = os.environ.get("MLFLOW_RUN_ID")
         mlflow.start_run(run_id=rid) if rid else mlflow.start_run(run_name=f"evaluate-{metrics['model']}")
     try:
-        flat = _flat({k: v for k, v in metrics.items() if k not in ("calibration", "plots", "summary")})
-        mlflow.log_metrics({f"test_{k}".replace("by_group", "group"): float(v) for k, v in flat.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
-                            and np.isfinite(v)})
-        for i, g in enumerate(metrics["by_group"]):
-            for key in ("auc", "gauc"):
-                if g[key] is not None:
-                    mlflow.log_metric(f"test_group{i}_{key}", float(g[key]))
+        run_id = mlflow.active_run().info.run_id
+        c = tracking.client()
+        mlflow.set_tags({"stage": "evaluate", "model": metrics["model"], "run_dir": str(Path(run).resolve())})
+        if ep:
+            have = mlflow.get_run(run_id).data.params
+            mlflow.log_params({k: v for k, v in _flat({"evaluate": ep}).items() if k not in have})
+        mlflow.log_metrics(tracking.report_metrics(metrics))
+        if metrics.get("data"):
+            tracking.log_dataset(c, run_id, metrics["data"], "evaluate")
         mlflow.log_artifact(str(run / "metrics.json"))
         for f in metrics.get("plots", []):
             mlflow.log_artifact(f, artifact_path="plots")

@@ -2,9 +2,12 @@
 
     run(run, data=None, params=None)
 
-- The run directory's files (model.pt, config, item_embeddings.npz, metrics.json, plots) are logged under
-  the artifact path `model/` of the run's training MLflow run (found by its `run_dir` tag; created when the
-  run was trained outside a DAG) and registered as a version of `params.register.model_name`.
+- The registered version is the training run's logged pyfunc model (`model`, logged by `pipelines.train`;
+  logged here when the run was trained without MLflow): source `models:/<model_id>`, `model_id` set, so
+  `mlflow.pyfunc.load_model("models:/twinv2@champion")` and `mlflow models serve -m models:/twinv2@champion`
+  work. The run directory's files (model.pt, config, item_embeddings.npz, metrics.json, plots) are also
+  logged under `registry_model/` of the training run (found by its `run_dir` tag; created when the run was
+  trained outside a DAG); the version's `files` tag points there.
 - Idempotent: a run already registered reuses its version (no duplicate versions on retry / re-run).
 - `challenger` always points at the newest registered version. `champion` moves to it only when its test
   GAUC beats the champion's GAUC *on the same test data* by `register.champion_margin`. When the champion
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -56,7 +60,9 @@ def checkpoint_hash(run: Path) -> str:
 
 def _training_run_id(c, run: Path, data: str | Path | None) -> str:
     exp = tracking.experiment_id(c)
-    found = tracking._find_run(c, exp, {"run_dir": str(run), "stage": "train"})
+    newest = c.search_runs([exp], f"tags.run_dir = {tracking._quote(str(run))} and tags.stage = 'train'",
+                           max_results=1, order_by=["attributes.start_time DESC"])   # the latest training
+    found = newest[0] if newest else None
     if found is None:
         found = tracking._find_run(c, exp, {"run_dir": str(run), "role": "register-cli"})
     if found is not None:
@@ -78,14 +84,41 @@ def _log_model_files(c, run_id: str, run: Path) -> None:
 
 
 def champion_dir(version, dest: Path) -> Path:
-    """A local directory holding the files of a registered version (its run_dir, else downloaded)."""
+    """A local directory holding the files of a registered version (its run_dir, else downloaded: the
+    `files` tag's registry_model/ folder, else the logged model's run directory)."""
     local = Path(version.tags.get("run_dir", ""))
     if local.is_dir() and (local / "model.pt").exists():
         return local
     import mlflow
 
     dest.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dest)))
+    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.tags.get("files") or version.source,
+                                                   dst_path=str(dest)))
+    found = sorted(got.rglob("model.pt"))
+    return found[0].parent if found else got
+
+
+def logged_model_id(c, run_id: str, run: Path) -> str:
+    """The model_id of the pyfunc model the training run logged (logged now when it has none)."""
+    r = c.get_run(run_id)
+    if r.data.tags.get("logged_model_id"):
+        return r.data.tags["logged_model_id"]
+    outputs = getattr(getattr(r, "outputs", None), "model_outputs", None) or []
+    if outputs:
+        return outputs[-1].model_id
+    import mlflow
+
+    from pipelines.train import log_pyfunc
+    from twinv2.training.scoring import RunScorer
+
+    world = RunScorer(run).world
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)     # the register stage's own bound run, if any
+    try:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            return log_pyfunc(mlflow, run, world).model_id
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
 
 
 def champion_gauc_on(c, version, data: str | Path | None, key: str, scratch: Path, params: dict) -> float:
@@ -107,6 +140,19 @@ def champion_gauc_on(c, version, data: str | Path | None, key: str, scratch: Pat
     c.set_model_version_tag(version.name, version.version, "eval_key", key)
     c.set_model_version_tag(version.name, version.version, "gauc", repr(gauc))
     return gauc
+
+
+def _link_logged_model(c, model_id: str, name: str, version) -> None:
+    """The logged model lists its registered versions (tag mlflow.modelVersions, as mlflow.register_model
+    sets it): the UI's logged-model page links to the registry. (The SQL registry keeps the link as the
+    version's source `models:/<model_id>`; it does not return ModelVersion.model_id.)"""
+    import json
+
+    tag = "mlflow.modelVersions"
+    have = json.loads(c.get_logged_model(model_id).tags.get(tag) or "[]")
+    entry = {"name": name, "version": str(version)}
+    if entry not in have:
+        c.set_logged_model_tags(model_id, {tag: json.dumps(have + [entry])})
 
 
 def run(run: str | Path, data: str | Path | None = None, params: dict | None = None) -> dict:
@@ -143,11 +189,13 @@ def run(run: str | Path, data: str | Path | None = None, params: dict | None = N
         art = c.list_artifacts(mlflow_run, MODEL_ARTIFACTS)
         if not any(a.path.endswith("model.pt") for a in art):
             _log_model_files(c, mlflow_run, run)
-        source = f"{c.get_run(mlflow_run).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACTS}"
+        files = f"{c.get_run(mlflow_run).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACTS}"
+        model_id = logged_model_id(c, mlflow_run, run)
         version = c.create_model_version(
-            name, source=source, run_id=mlflow_run,
+            name, source=f"models:/{model_id}", run_id=mlflow_run, model_id=model_id,
             tags={"checkpoint": ckpt, "run_dir": str(run), "gauc": repr(gauc), "eval_key": key,
-                  "model": str(metrics.get("model", run.name))})
+                  "model": str(metrics.get("model", run.name)), "files": files, "model_id": model_id})
+        _link_logged_model(c, model_id, name, version.version)
         created = True
     c.set_registered_model_alias(name, "challenger", version.version)
 

@@ -140,13 +140,17 @@ def data_hash(data: str | Path, sub: str = "raw") -> str:
 def dataset_input(data: str | Path, context: str, sub: str = "validated"):
     """An MLflow DatasetInput for DIR/<sub> whose digest is its DVC hash (md5 of the .dir listing, what
     dvc.lock records for the stage output), source the local folder, context train/evaluate."""
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
     root = Path(data).resolve()
-    ds = MetaDataset(source=LocalArtifactDatasetSource(str(root / sub)), name=f"{root.name}/{sub}",
-                     digest=data_hash(root, sub))
+    with warnings.catch_warnings():      # a local path "can be interpreted in multiple ways": all local
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(root / sub))
+    ds = MetaDataset(source=source, name=f"{root.name}/{sub}", digest=data_hash(root, sub))
     return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
 
 

@@ -11,8 +11,9 @@ on the train split with early stopping on validation GAUC, and writes RUNDIR/:
     train_metrics.json     the report
 
 Under torchrun (WORLD_SIZE > 1) every rank trains on its share of the batches (DDP) and rank 0 writes.
-MLflow: logs into the active run, or the run MLFLOW_RUN_ID names, or its own run when
-MLFLOW_TRACKING_URI is set; nothing otherwise.
+MLflow: logs into the active run, or the run MLFLOW_RUN_ID names, or its own run when MLFLOW_TRACKING_URI or
+TWINV2_MLFLOW=1 is set (the DVC stages; the default store then); nothing otherwise. Own and bound runs
+log system metrics (CPU, memory; GPU where present) and the validated data as a dataset input.
 """
 from __future__ import annotations
 
@@ -181,11 +182,9 @@ class _Tracking(_NoTracking):
 
 
 def _mlflow_wanted() -> bool:
-    if os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_RUN_ID"):
-        return True
-    import sys
+    from pipelines.tracking import tracking_wanted
 
-    return "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None
+    return tracking_wanted()
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -206,16 +205,24 @@ def _mlflow(out: Path, config: dict, params: dict, is_main: bool):
         return
     import mlflow
 
+    from pipelines import tracking
+
     own = mlflow.active_run() is None
     if own:
+        tracking.use_store()                 # $MLFLOW_TRACKING_URI, else the default store; experiment twinv2
+        if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+            mlflow.set_system_metrics_sampling_interval(2)   # short runs still get CPU/memory samples
         rid = os.environ.get("MLFLOW_RUN_ID")
-        run = (mlflow.start_run(run_id=rid) if rid else
+        run = (mlflow.start_run(run_id=rid, log_system_metrics=True) if rid else
                mlflow.start_run(run_name=f"train-{config['model']}", log_system_metrics=True))
     try:
         params_flat = _flat({"train": params.get("train", {}), "model": params.get("model", {})})
-        existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+        run_id = mlflow.active_run().info.run_id
+        existing = mlflow.get_run(run_id).data.params
         mlflow.log_params({k: v for k, v in params_flat.items() if k not in existing})
-        mlflow.set_tags({"stage": "train", "model": config["model"], "cluster_version": str(config["cluster_version"])})
+        mlflow.set_tags({"stage": "train", "model": config["model"], "cluster_version": str(config["cluster_version"]),
+                         "run_dir": str(out.resolve())})
+        tracking.log_dataset(tracking.client(), run_id, config["data"], "train")
         mlflow.log_dict(config, "config.json")
         yield _Tracking(mlflow, out)
     finally:
@@ -245,8 +252,9 @@ def pyfunc_class():
     return TwinV2Model
 
 
-def log_pyfunc(mlflow, out: Path, world) -> None:
-    """Log the run as an MLflow pyfunc model with a signature (user_id, item_id, ts) -> score."""
+def log_pyfunc(mlflow, out: Path, world):
+    """Log the run as an MLflow pyfunc model with a signature (user_id, item_id, ts) -> score, into the active
+    run; returns its ModelInfo (model_id: what register links the registered version to)."""
     import pandas as pd
     from mlflow.models import infer_signature
 
@@ -264,7 +272,11 @@ def log_pyfunc(mlflow, out: Path, world) -> None:
     with tempfile.TemporaryDirectory() as tmp:      # the weights, not the checkpoints
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
-        for f in ("config.json", "vocab.npz", "model.pt"):
-            shutil.copy2(out / f, run_dir / f)
-        mlflow.pyfunc.log_model(name="model", python_model=pyfunc_class()(), artifacts={"run_dir": str(run_dir)},
-                                signature=signature, input_example=example)
+        for f in ("config.json", "vocab.npz", "model.pt", "item_embeddings.npz"):
+            if (out / f).exists():
+                shutil.copy2(out / f, run_dir / f)
+        info = mlflow.pyfunc.log_model(name="model", python_model=pyfunc_class()(),
+                                       artifacts={"run_dir": str(run_dir)}, signature=signature,
+                                       input_example=example)
+    mlflow.set_tag("logged_model_id", info.model_id)   # register links its version to this logged model
+    return info

@@ -22,7 +22,8 @@ def test_train_and_evaluate_log_to_mlflow(planted_ro, small_params, tmp_path, mo
     run = mlflow.get_run(active.info.run_id)
     assert run.data.params["train.lr"] == "0.005"
     assert "train_loss" in run.data.metrics and "epoch_valid_gauc" in run.data.metrics
-    assert "test_auc" in run.data.metrics and "test_gauc" in run.data.metrics
+    assert "auc" in run.data.metrics and "gauc" in run.data.metrics          # one name each: no test_ copies
+    assert "test_auc" not in run.data.metrics and "calibration.ece" not in run.data.metrics
     steps = mlflow.MlflowClient().get_metric_history(active.info.run_id, "train_loss")
     assert len(steps) >= 2
     model = mlflow.pyfunc.load_model(f"runs:/{active.info.run_id}/model")
