@@ -16,6 +16,7 @@ from pipelines import ingest
 from tests.conftest import shared_path
 from twinv2.data.adapters.common import assign_split_per_user, per_user_spec
 from twinv2.data.store import read_table
+from twinv2.errors import ConfigError
 
 T0 = 1_500_000_000          # seconds
 
@@ -177,14 +178,14 @@ def test_assign_split_per_user_unit():
 @pytest.mark.parametrize("bad", [{"test": 0}, {"test": 1.5}, {"valid": -1}, {"test": "a"}, {"tests": 1},
                                  {"test": True}])
 def test_bad_per_user_params_are_named(bad):
-    with pytest.raises(ValueError, match="params ingest.per_user"):
+    with pytest.raises(ConfigError, match="params ingest.per_user"):
         per_user_spec({"per_user": bad})
 
 
 def test_unknown_split_mode_is_named(tmp_path, params):
     p = copy.deepcopy(params)
     p["ingest"]["split"] = "random"
-    with pytest.raises(ValueError, match=r"ingest.split: expected one of \['global', 'per_user'\]"):
+    with pytest.raises(ConfigError, match=r"ingest.split: expected one of \['global', 'per_user'\]"):
         ingest.run("movielens", write_movielens(tmp_path / "s", random_log(0)), tmp_path / "o", params=p,
                    progress=False)
 
@@ -207,3 +208,16 @@ def test_shared_ml100k_per_user_split_gives_test_users_a_history(tmp_path, param
     # the limit of one global watermark: most of these users have nothing before it (no clusters)
     assert th["test_users_no_history_before_watermark"] == 382 - 126
     assert imp.groupby("user_id").split.apply(lambda s: (s == "test").sum()).min() >= 1
+
+
+def test_cli_per_user_and_a_bad_split_is_a_usage_error(tmp_path, capsys):
+    from pipelines.cli import main
+
+    src = write_movielens(tmp_path / "s", random_log(0))
+    assert main(["ingest", "--format", "movielens", "--src", str(src), "--out", str(tmp_path / "o"),
+                 "--set", "ingest.split=per_user"]) == 0
+    assert "per_user split" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o/raw/meta.json").read_text())["split"] == "per_user"
+    assert main(["ingest", "--format", "movielens", "--src", str(src), "--out", str(tmp_path / "o2"),
+                 "--set", "ingest.split=random"]) == 3
+    assert "ingest.split" in capsys.readouterr().err

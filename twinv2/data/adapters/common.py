@@ -6,15 +6,19 @@ becomes a canonical *event*; this module does the rest in two passes, memory bou
 pass 1  stream each event file in blocks of lines (`read_lines`). Every line is first matched against
         the format's line grammar (one RE2 regex over the whole block, in C++); lines that do not
         match are diagnosed one by one (bad encoding, empty line, wrong field count, empty field,
-        not a number, unknown value) and go to the quarantine with file, line number, raw text and
-        reason. The good lines are parsed by pyarrow.csv, turned into events by the adapter (which
-        may reject more rows for semantic reasons: unknown item, out-of-range value), sorted by user
-        and spilled to a temporary Parquet directory. Rows are counted per user and the time span
-        is tracked.
-pass 2  the time span gives the split bounds (`split_bounds`); users are cut into ranges of at most
-        `sort_budget_rows` events; each range is read back (row-group statistics skip most of the
-        spill), sorted by (user, ts, line) and written: behaviours through `BehaviorWriter`,
-        impressions (ts >= history_end) with their split.
+        not a number, an integer beyond int64, unknown value) and go to the quarantine with file,
+        line number, raw text and reason. The good lines are parsed by pyarrow.csv, turned into
+        events by the adapter (which may reject more rows: negative id, int32 overflow, a time
+        outside the hard range, unknown item, out-of-range value), sorted by user and spilled to a
+        temporary Parquet directory. Rows are counted per user and a sample of the times is kept.
+between the plausible time range (`ts_window`: configured, else the robust range of the log itself) and,
+        over the events inside it, the span and the split bounds (`split_bounds`).
+pass 2  users are cut into ranges of at most `sort_budget_rows` events; each range is read back
+        (row-group statistics skip most of the spill), sorted by (user, ts, line); events outside the
+        time range and repeated events are quarantined (line text read back at the end), the rest
+        written: behaviours through `BehaviorWriter`, impressions (ts >= history_end) with their split
+        (global time slices, or per user: `assign_split_per_user`).
+Everything is written into a work folder in DIR and switched in only when the run succeeded.
 
 Events carry three role columns besides the canonical fields: `beh` (is a behaviour), `imp` (may
 become an impression when ts >= history_end) and `label`. The report's counts must add up: every
@@ -43,7 +47,7 @@ import pyarrow.parquet as pq
 
 from twinv2.data.schema import DatasetPaths, conform
 from twinv2.data.store import BehaviorWriter
-from twinv2.errors import DataError
+from twinv2.errors import ConfigError, DataError
 from twinv2.io import atomic_path, write_json
 
 # ---------------------------------------------------------------- line grammar
@@ -383,7 +387,7 @@ SPLIT_MODES = ("global", "per_user")
 def split_mode(params: dict) -> str:
     mode = params.get("split") or "global"
     if mode not in SPLIT_MODES:
-        raise ValueError(f"params ingest.split: expected one of {list(SPLIT_MODES)}, got {mode!r}")
+        raise ConfigError(f"params ingest.split: expected one of {list(SPLIT_MODES)}, got {mode!r}")
     return mode
 
 
@@ -395,11 +399,11 @@ def split_bounds(t0: int, t1: int, params: dict) -> dict[str, int]:
     h = float(params.get("history_frac", 0.7))
     if split_mode(params) == "per_user":
         if not 0 < h < 1:
-            raise ValueError(f"params ingest.history_frac: expected a fraction in (0, 1), got {h}")
+            raise ConfigError(f"params ingest.history_frac: expected a fraction in (0, 1), got {h}")
         return {"history_start_ms": int(t0), "history_end_ms": int(t0 + round(h * span)), "end_ms": int(t1)}
     v, t = (float(params.get(k, d)) for k, d in (("valid_frac", 0.1), ("test_frac", 0.1)))
     if min(h, v, t) <= 0 or h + v + t >= 1:
-        raise ValueError(f"params ingest: need history_frac, valid_frac, test_frac > 0 with a sum below 1 "
+        raise ConfigError(f"params ingest: need history_frac, valid_frac, test_frac > 0 with a sum below 1 "
                          f"(the rest is train), got {h}, {v}, {t}")
     return {"history_start_ms": int(t0),
             "history_end_ms": int(t0 + round(h * span)),
@@ -422,14 +426,14 @@ def per_user_spec(params: dict) -> dict[str, int | float]:
     pu = params.get("per_user") or {}
     unknown = set(pu) - {"valid", "test"}
     if unknown:
-        raise ValueError(f"params ingest.per_user: unknown keys {sorted(unknown)}; expected valid, test")
+        raise ConfigError(f"params ingest.per_user: unknown keys {sorted(unknown)}; expected valid, test")
     spec = {}
     for key in ("valid", "test"):
         v = pu.get(key, 0.1)
         ok = (isinstance(v, int) and not isinstance(v, bool) and v >= (1 if key == "test" else 0)) or \
              (isinstance(v, float) and 0 < v < 1)
         if not ok:
-            raise ValueError(f"params ingest.per_user.{key}: expected a fraction in (0, 1) or a count "
+            raise ConfigError(f"params ingest.per_user.{key}: expected a fraction in (0, 1) or a count "
                              f"(an integer >= {1 if key == 'test' else 0}), got {v!r}")
         spec[key] = v
     return spec
@@ -513,7 +517,7 @@ def ts_window(adapter: "Adapter", params: dict, sketch: TsSketch) -> dict:
     if conf is not None:
         lo, hi = int(conf[0]), int(conf[1])
         if not lo < hi:
-            raise ValueError(f"params ingest ts_range_ms: expected [lo, hi) with lo < hi, got {conf}")
+            raise ConfigError(f"params ingest ts_range_ms: expected [lo, hi) with lo < hi, got {conf}")
         return {"source": "configured", "lo_ms": lo, "hi_ms": hi,
                 "detail": f"ts outside [{_iso(lo)}, {_iso(hi)}) UTC, the configured range of the log (ts_range_ms)"}
     rp = params.get("ts_robust") or {}
