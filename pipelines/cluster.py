@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from twinv2 import progress
 from twinv2.clustering import chunk as C
 from twinv2.clustering import store
 from twinv2.clustering.embeddings import ItemEmbedding, bootstrap, from_checkpoint, load_npz
@@ -39,7 +40,7 @@ from twinv2.io import atomic_dir, read_json, write_json
 
 EMB_FILE = "embeddings.npz"
 # parameters that change how a version is computed, never what it holds: left out of its name
-EXECUTION_ONLY = {"n_jobs", "chunk_rows", "finalize_last_shard", "n_shards"}
+EXECUTION_ONLY = {"n_jobs", "chunk_rows", "finalize_last_shard", "n_shards", "progress"}
 
 
 # ---------------------------------------------------------------- inputs
@@ -172,39 +173,60 @@ def _process(val: Path, ctx: dict, shard: tuple[int, int] | None, out_dir: Path,
     chunks = iter_user_chunks(val / "behaviors", columns=columns, shard=shard, batch_rows=chunk_rows)
     tag = f"{shard[0]:05d}" if shard else "00000"
     stats, i = [], 0
+    total = None if shard else _behaviour_rows(val / "behaviors")   # a shard's share is unknown up front
+    bar = progress.bar(total=total, desc=f"cluster{f' shard {shard[0]}/{shard[1]}' if shard else ''}",
+                       unit="beh", unit_scale=True, section=ctx["P"])
 
-    def write(res):
+    def write(res, n_rows):
         nonlocal i
         ct, mt, st = res
+        if n_rows:
+            bar.update(n_rows)
         store.write_part(out_dir / "clusters" / f"part-{tag}-{i:05d}.parquet", ct)
         store.write_part(out_dir / "members" / f"part-{tag}-{i:05d}.parquet", mt)
         stats.append(st)
         i += 1
 
-    if n_jobs <= 1:                                                      # in this process: limits undone after
-        from threadpoolctl import threadpool_limits
+    try:
+        if n_jobs <= 1:                                                      # in this process: limits undone after
+            from threadpoolctl import threadpool_limits
 
-        _init_worker(ctx, limit_threads=False)
-        with threadpool_limits(1):
-            for t in chunks:
-                write(_work(t))
-    else:
-        with ProcessPoolExecutor(n_jobs, initializer=_init_worker, initargs=(ctx,)) as pool:
-            pending = []
-            for t in chunks:
-                pending.append(pool.submit(_work, t))
-                while len(pending) >= 2 * n_jobs:                        # bounded memory: few chunks in flight
-                    write(pending.pop(0).result())
-            for f in pending:
-                write(f.result())
+            _init_worker(ctx, limit_threads=False)
+            with threadpool_limits(1):
+                for t in chunks:
+                    write(_work(t), len(t))
+        else:
+            with ProcessPoolExecutor(n_jobs, initializer=_init_worker, initargs=(ctx,)) as pool:
+                pending = []
+                for t in chunks:
+                    pending.append((pool.submit(_work, t), len(t)))
+                    while len(pending) >= 2 * n_jobs:                        # bounded memory: few chunks in flight
+                        f, n = pending.pop(0)
+                        write(f.result(), n)
+                for f, n in pending:
+                    write(f.result(), n)
+    finally:
+        bar.close()
     if i == 0:                                                           # keep the schemas even when empty
         empty = {k: np.zeros(0) for k in ["user_id", "item_id", "ts", "play_ms", "duration_ms", *ctx["cross"]]}
         beh = {**empty, "user_id": np.zeros(0, np.int64), "item_id": np.zeros(0, np.int64),
                "ts": np.zeros(0, np.int64), "group": np.zeros(0, np.int8), "completion": np.zeros(0)}
         cl = C.vitems(beh, np.zeros(0, np.int32), np.zeros((0, ctx["emb"].dim), np.float32), ctx["cat"], ctx["cross"])
         write((C.cluster_table(cl, ctx["cross"]), C.members_table(beh, np.zeros(0, np.int32)),
-               C.chunk_stats(cl, beh, np.zeros(0, np.int32), int(ctx["P"]["gamma"]))))
+               C.chunk_stats(cl, beh, np.zeros(0, np.int32), int(ctx["P"]["gamma"]))), 0)
     return _merge_stats(stats)
+
+
+def _behaviour_rows(path: Path) -> int | None:
+    """Rows of the behaviour part files (Parquet footers only), for the progress bar's total."""
+    import pyarrow.parquet as pq
+
+    from twinv2.data.store import behavior_files
+
+    try:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in behavior_files(path))
+    except Exception:  # noqa: BLE001 - only a progress total; the reading itself reports errors
+        return None
 
 
 # ---------------------------------------------------------------- stage

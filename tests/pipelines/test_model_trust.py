@@ -15,7 +15,7 @@ SMALL = {"embed_dim": 8, "side_dim": 4, "cross_dim": 2, "n_heads": 1, "head_dim"
 
 
 @pytest.mark.slow
-def test_logged_model_weights_load_without_unpickling_code(tiny_validated_ro, params, tmp_path, monkeypatch):
+def test_logged_model_weights_load_without_unpickling_code(tiny_validated_ro, params, tmp_path, monkeypatch, capfd):
     mlflow = pytest.importorskip("mlflow")
     import torch
 
@@ -54,3 +54,14 @@ def test_logged_model_weights_load_without_unpickling_code(tiny_validated_ro, pa
     x = imp[imp.split == "test"][["user_id", "item_id", "ts"]].head(8).reset_index(drop=True)
     safe = RunScorer(run_dir, data=tiny_validated_ro).predict_frame(x)["prob"]
     np.testing.assert_allclose(safe, RunScorer(out).predict_frame(x)["prob"], rtol=1e-5)
+
+    # the evaluate stage's progress bar (steps), plain lines in a log
+    from pipelines import evaluate
+
+    monkeypatch.delenv("TWINV2_PROGRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    p["evaluate"].update(diversity_users=5, diversity_pool=20, plots=False, progress=True)
+    capfd.readouterr()
+    evaluate.run(tiny_validated_ro, out, params=p)
+    err = capfd.readouterr().err
+    assert "evaluate: 4/4 steps" in err and "\r" not in err, err

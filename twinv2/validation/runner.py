@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from twinv2 import progress
 from twinv2.data.schema import SPLITS, TABLES, DatasetPaths
 from twinv2.data.store import BehaviorWriter, iter_user_chunks, write_table
 from twinv2.errors import ConfigError, DataError, ValidationFailed
@@ -218,6 +219,8 @@ def _validate(paths: DatasetPaths, vp: dict) -> dict[str, Any]:
     class _Abort(Exception):
         pass
 
+    n_rows = len(items) + sum(pf.metadata.num_rows for _, pf in parts) + len(imps)
+    bar = progress.bar(total=n_rows, desc="validate", unit="row", unit_scale=True, section=vp)
     try:
         from twinv2.io import atomic_dir
 
@@ -233,6 +236,7 @@ def _validate(paths: DatasetPaths, vp: dict) -> dict[str, Any]:
                 else:
                     rep.skipped["known_item"] = "items.parquet failed its schema check"
             _finish(rep, vp)
+            bar.update(len(items))
 
             # ---------------------------------------------------------- behaviours
             rep = reps["behaviors"]
@@ -242,7 +246,9 @@ def _validate(paths: DatasetPaths, vp: dict) -> dict[str, Any]:
                 if b.known_items is None:
                     rep.skipped["known_item"] = "items.parquet failed its schema check"
                 if _schema_check(rep, problems, str(paths.behaviors())):
-                    _behaviours(rep, parts, b, qw, gx, rf, vp, out / "behaviors")
+                    _behaviours(rep, parts, b, qw, gx, rf, vp, out / "behaviors", bar)
+                else:
+                    bar.update(rep.rows_in)
             _finish(rep, vp)
 
             # ---------------------------------------------------------- impressions
@@ -262,12 +268,15 @@ def _validate(paths: DatasetPaths, vp: dict) -> dict[str, Any]:
                     accepted = _Checker(rep, b, qw, gx, True, rf)(imps)
                     write_table(out / "impressions.parquet", accepted, "impressions")
             _finish(rep, vp)
+            bar.update(len(imps))
 
             shutil.copyfile(raw_dir / "meta.json", out / "meta.json")
             if not all(r.success for r in reps.values()):
                 raise _Abort()
     except _Abort:
         shutil.rmtree(paths.stage("validated"), ignore_errors=True)
+    finally:
+        bar.close()
 
     report = _report(reps, b, vp, meta, time.perf_counter() - t0)
     _write_reports(paths, report, reps)
@@ -289,7 +298,7 @@ def _split_edges(meta: dict, imps: pa.Table) -> tuple[tuple[int, int] | None, st
 
 
 def _behaviours(rep: TableReport, parts: list, b: Bounds, qw: QuarantineWriter, gx: bool, rf,
-                vp: dict, dest: Path) -> None:
+                vp: dict, dest: Path, bar=None) -> None:
     """Stream the behaviours file by file, chunk by chunk of complete users."""
     check = _Checker(rep, b, qw, gx, False, rf)
     overlap: list[str] = []
@@ -305,6 +314,8 @@ def _behaviours(rep: TableReport, parts: list, b: Bounds, qw: QuarantineWriter, 
         if not buf:
             return
         acc = check(pa.concat_tables(buf))
+        if bar is not None:
+            bar.update(sum(len(t) for t in buf))
         if len(acc) == 0:
             return
         uid = acc.column("user_id").to_numpy()
