@@ -89,3 +89,24 @@ def test_a_killed_revalidation_leaves_no_valid_looking_result(world, tmp_path, v
 def test_a_passing_report_says_passed(world, tmp_path, vparams):
     rep = run_world(world, tmp_path, vparams)
     assert rep["status"] == "passed" and _report(tmp_path)["status"] == "passed"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_validate_outputs_honour_the_umask(world, tmp_path, vparams, mask):
+    """Another user of the group (an Airflow worker) can read what validate wrote: modes follow the umask,
+    not tempfile's 0600/0700."""
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        run_world(world, tmp_path, vparams)
+    finally:
+        os.umask(old)
+    fmode, dmode = 0o666 & ~mask, 0o777 & ~mask
+    for d in ("validated", "validated/behaviors", "quarantine", "reports"):
+        assert stat.S_IMODE((tmp_path / d).stat().st_mode) == dmode, d
+    for f in ("validated/items.parquet", "validated/impressions.parquet", "validated/meta.json",
+              "quarantine/items.parquet", "quarantine/behaviors.parquet", "reports/validation.json",
+              *(str(p.relative_to(tmp_path)) for p in (tmp_path / "validated" / "behaviors").iterdir())):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == fmode, f
