@@ -93,6 +93,12 @@ def check_overrides(base: dict, overrides: dict[str, Any], source: str) -> dict[
         if old is not None and value is not None and not isinstance(old, dict):
             if isinstance(old, str) and not isinstance(value, (dict, list)):
                 value = value if isinstance(value, str) else str(value)
+            elif _kind(old) == "a number" and isinstance(value, str):
+                try:                                     # YAML 1.1 reads 1e-3 (no dot) as a string
+                    value = float(value) if any(c in value for c in ".eE") else int(value)
+                except ValueError:
+                    raise ConfigError(f"--set {key}={value!r}: expected a number like the {old!r} of {source}, "
+                                      f"got a string") from None
             elif _kind(old) != _kind(value):
                 raise ConfigError(f"--set {key}={value!r}: expected {_kind(old)} like the {old!r} of {source}, "
                                   f"got {_kind(value)}")

@@ -90,6 +90,8 @@ def test_set_is_accepted_after_the_stage_name(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(validate, "run", lambda data, params: seen.update(params=params) or {"summary": "ok"})
+    assert main(["--set", "train.lr=1e-3", "validate", "--data", str(tmp_path), "--set", "train.epochs=7"]) == 0
+    assert seen["params"]["train"]["lr"] == 0.001 and seen["params"]["train"]["epochs"] == 7
     assert main(["--set", "train.lr=0.5", "validate", "--data", str(tmp_path),
                  "--set", "validate.batch_rows=123", "--set", "validate.gx_confirm=false"]) == 0
     p = seen["params"]
