@@ -215,3 +215,11 @@ def test_twinv2_debug_adds_the_traceback():
     r = twinv2("validate", "--data", "D", "--set", "train=5", env={"TWINV2_DEBUG": "1"})
     assert r.returncode == EXIT_USAGE
     assert "Traceback" in r.stderr and "ConfigError" in r.stderr
+
+
+def test_a_partial_params_file_is_a_usage_error(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  lr: 0.1\n")
+    r = twinv2("--params", str(f), "validate", "--data", "D")
+    assert r.returncode == EXIT_USAGE, r.stderr
+    _one_paragraph(r, str(f), "lacks the sections", "validate")
