@@ -33,6 +33,7 @@ DEFAULTS = {
     "min_samples_leaf": 20,
     "l2_regularization": 0.0,
     "max_bins": 255,
+    "max_features": 1.0,        # share of features drawn per split (< 1: train.seed changes the trees)
     "early_stopping": True,     # HistGradientBoosting's own stopping on the valid split's loss
     "n_iter_no_change": 20,
     "select_on_valid": True,    # keep the prefix of trees with the best valid GAUC (as epochs are chosen)
@@ -417,6 +418,7 @@ def fit(X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarra
         max_iter=int(gp["max_iter"]), learning_rate=float(gp["learning_rate"]),
         max_leaf_nodes=int(gp["max_leaf_nodes"]), min_samples_leaf=int(gp["min_samples_leaf"]),
         l2_regularization=float(gp["l2_regularization"]), max_bins=int(gp["max_bins"]),
+        max_features=float(gp["max_features"]),
         early_stopping=use_val, n_iter_no_change=int(gp["n_iter_no_change"]), scoring="loss",
         random_state=int(seed))
     if use_val:
