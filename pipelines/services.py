@@ -1,8 +1,15 @@
 """Local servers: `make mlflow` (MLflow tracking server) and `make airflow` (api-server, scheduler,
-dag-processor, triggerer with the LocalExecutor). Everything listens on 127.0.0.1 only.
+dag-processor, triggerer with the LocalExecutor, and the two task-log servers). Everything listens on
+127.0.0.1 only: Airflow's own `serve-logs` (started by the scheduler and the triggerer) binds every
+interface, so they run with --skip-serve-logs and this module serves the same log app on 127.0.0.1
+(ports [logging] worker_log_server_port 8793 and trigger_log_server_port 8794).
 
-    python -m pipelines.services mlflow  [--port 5000]
-    python -m pipelines.services airflow [--port 8080]
+    python -m pipelines.services mlflow  [--port 5000] [--root mlflow]
+    python -m pipelines.services airflow [--port 8080] [--home airflow_home]
+    python -m pipelines.services serve-logs --port 8793          (one log server on 127.0.0.1)
+
+SIGTERM, SIGHUP or Ctrl-C stop every component's process group (each runs in its own session) before
+the launcher exits: nothing is left re-parented to init.
 
 The same classes start/stop the servers of the end-to-end tests (random free ports, bounded waits).
 Airflow's metadata DB and config live in ./airflow_home (git-ignored). Credentials are never hard-coded:
@@ -114,12 +121,14 @@ class MlflowServer:
 class AirflowServices:
     """api-server + scheduler + dag-processor + triggerer sharing one AIRFLOW_HOME (SQLite, LocalExecutor)."""
 
-    COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+    COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer", "serve-logs", "serve-trigger-logs")
 
     def __init__(self, home: str | Path = REPO_ROOT / "airflow_home", port: int | None = None,
-                 all_admins: bool = False, extra_env: dict | None = None):
+                 all_admins: bool = False, extra_env: dict | None = None, log_ports: tuple[int, int] | None = None):
         self.home = Path(home).resolve()
         self.port = port or free_port()
+        # task logs (scheduler/LocalExecutor) and triggerer logs: 8793/8794 for `make airflow`, free ports else
+        self.log_ports = log_ports or (free_port(), free_port())
         self.url = f"http://{HOST}:{self.port}"
         self.all_admins = all_admins
         self.extra_env = extra_env or {}
@@ -143,6 +152,10 @@ class AirflowServices:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True" if self.all_admins else "False",
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_ports[0]),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.log_ports[1]),
+            # task instances record this host name; the api-server fetches live logs from it
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "pipelines.services.loopback_hostname",
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             "GX_ANALYTICS_ENABLED": "False", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1",
         }
@@ -161,13 +174,18 @@ class AirflowServices:
 
     def start(self, timeout: float = 180) -> "AirflowServices":
         self.migrate()
-        bin_args = {"api-server": ["api-server", "--host", HOST, "--port", str(self.port)],
-                    "scheduler": ["scheduler"], "dag-processor": ["dag-processor"], "triggerer": ["triggerer"]}
+        airflow = [sys.executable, "-m", "airflow"]
+        own = [sys.executable, "-m", "pipelines.services", "serve-logs", "--port"]
+        cmds = {"api-server": [*airflow, "api-server", "--host", HOST, "--port", str(self.port)],
+                "scheduler": [*airflow, "scheduler", "--skip-serve-logs"],
+                "dag-processor": [*airflow, "dag-processor"],
+                "triggerer": [*airflow, "triggerer", "--skip-serve-logs"],
+                "serve-logs": [*own, str(self.log_ports[0])],
+                "serve-trigger-logs": [*own, str(self.log_ports[1])]}
         for name in self.COMPONENTS:
             log = self.home / f"{name}.log"
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", *bin_args[name]], env=self.env,
-                                                stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                                start_new_session=True, cwd=self.home)
+            self.procs[name] = subprocess.Popen(cmds[name], env=self.env, stdout=open(log, "ab"),
+                                                stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home)
         try:
             wait_http(f"{self.url}/api/v2/monitor/health", timeout, self.procs["api-server"],
                       self.home / "api-server.log")
@@ -210,41 +228,74 @@ class AirflowServices:
         self.stop()
 
 
-def _serve(kind: str, port: int | None) -> int:
-    if kind == "mlflow":
-        srv = MlflowServer(port=port or 5000)
-        srv.start()
-        print(f"MLflow UI: {srv.url}  (backend sqlite:///mlflow/mlflow.db, artifacts mlflow/artifacts; "
-              f"log {srv.log})\nPoint the pipeline at it with: export MLFLOW_TRACKING_URI={srv.url}\n"
-              "Ctrl-C stops it.", flush=True)
-    else:
-        srv = AirflowServices(port=port or 8080)
-        srv.start()
-        pw = srv.password()
-        print(f"Airflow UI: {srv.url}  user: admin  password: {pw}\n(generated on first start, kept in "
-              f"{srv.home}/simple_auth_manager_passwords.json.generated; logs in {srv.home}/*.log)\n"
-              "DAGs: twinv2_daily, twinv2_recluster (paused at creation: unpause or trigger them in the UI).\n"
-              "Ctrl-C stops all components.", flush=True)
+def loopback_hostname() -> str:
+    """[core] hostname_callable of the local components: every server here listens on 127.0.0.1 only."""
+    return HOST
+
+
+def serve_logs(port: int) -> None:
+    """Airflow's task-log server app (what `airflow serve-logs` runs) on 127.0.0.1 only."""
+    import uvicorn
+
+    uvicorn.run("airflow.utils.serve_logs.log_server:get_app", host=HOST, port=port, log_config=None,
+                access_log=False, factory=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _serve(kind: str, port: int | None, root: str | None = None) -> int:
+    # SIGTERM / SIGHUP (a closed terminal, `kill`, a supervisor) stop the components like Ctrl-C does
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_stop)
+    srv: MlflowServer | AirflowServices | None = None
     try:
+        if kind == "mlflow":
+            srv = MlflowServer(root=root or REPO_ROOT / "mlflow", port=port or 5000)
+            srv.start()
+            print(f"MLflow UI: {srv.url}  (backend sqlite:///{srv.root}/mlflow.db, artifacts {srv.root}/artifacts; "
+                  f"log {srv.log})\nPoint the pipeline at it with: export MLFLOW_TRACKING_URI={srv.url}\n"
+                  "Ctrl-C stops it.", flush=True)
+        else:
+            srv = AirflowServices(home=root or REPO_ROOT / "airflow_home", port=port or 8080, log_ports=(8793, 8794))
+            srv.start()
+            pw = srv.password()
+            print(f"Airflow UI: {srv.url}  user: admin  password: {pw}\n(generated on first start, kept in "
+                  f"{srv.home}/simple_auth_manager_passwords.json.generated; logs in {srv.home}/*.log)\n"
+                  "DAGs: twinv2_daily, twinv2_recluster (paused at creation: unpause or trigger them in the UI).\n"
+                  "Ctrl-C stops all components.", flush=True)
         while True:
             procs = [srv.proc] if kind == "mlflow" else list(srv.procs.values())
-            dead = [p for p in procs if p.poll() is not None]
+            dead = [p for p in procs if p is not None and p.poll() is not None]
             if dead:
                 print(f"a component exited (code {dead[0].returncode}); stopping", file=sys.stderr)
                 return 1
             time.sleep(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stop):
         return 0
     finally:
-        srv.stop()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):   # a second signal must not cut the cleanup
+            signal.signal(sig, signal.SIG_IGN)
+        if srv is not None:
+            srv.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.services")
-    p.add_argument("kind", choices=["mlflow", "airflow"])
+    p.add_argument("kind", choices=["mlflow", "airflow", "serve-logs"])
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--root", default=None, help="mlflow: the store folder (default mlflow/); airflow: AIRFLOW_HOME "
+                                                "(default airflow_home/)")
     a = p.parse_args(argv)
-    return _serve(a.kind, a.port)
+    if a.kind == "serve-logs":
+        serve_logs(a.port or 8793)
+        return 0
+    return _serve(a.kind, a.port, a.root)
 
 
 if __name__ == "__main__":
