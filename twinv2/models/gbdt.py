@@ -324,17 +324,19 @@ class GBDTModel:
     def from_sklearn(cls, est, n_trees: int | None = None, recent_n: int = 50, recent_frac: float = 0.1) -> "GBDTModel":
         """The first n_trees iterations (default: all) of a fitted binary HistGradientBoostingClassifier."""
         preds = est._predictors
+        if est.n_features_in_ != len(FEATURE_NAMES):
+            raise ValueError(f"gbdt: the estimator was fitted on {est.n_features_in_} features; expected "
+                             f"{len(FEATURE_NAMES)} ({', '.join(FEATURE_NAMES)})")
         if any(len(p) != 1 for p in preds):
             raise ValueError("gbdt: expected a binary classifier (one tree per iteration)")
         if getattr(est, "is_categorical_", None) is not None and np.any(est.is_categorical_):
             raise ValueError("gbdt: categorical splits are not supported by the array format")
-        preds = preds[: (len(preds) if n_trees is None else int(n_trees))]
-        nodes = [p[0].nodes for p in preds]
+        k = len(preds) if n_trees is None else int(n_trees)
+        if not 1 <= k <= len(preds):
+            raise ValueError(f"gbdt: n_trees must be in [1, {len(preds)}] (the fitted iterations), got {n_trees}")
+        nodes = [p[0].nodes for p in preds[:k]]
         sizes = np.array([len(n) for n in nodes], np.int64)
-        cat = np.concatenate(nodes) if nodes else np.zeros(0, preds[0][0].nodes.dtype if preds else
-                                                           [("value", "f8"), ("feature_idx", "i8"),
-                                                            ("num_threshold", "f8"), ("missing_go_to_left", "u1"),
-                                                            ("left", "u4"), ("right", "u4"), ("is_leaf", "u1")])
+        cat = np.concatenate(nodes)
         return cls(tuple(FEATURE_NAMES), float(np.ravel(est._baseline_prediction)[0]),
                    np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
                    cat["feature_idx"].astype(np.int64), cat["num_threshold"].astype(np.float64),
