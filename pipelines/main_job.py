@@ -1,8 +1,10 @@
 """`make run`: the whole twinv2_daily pipeline on the default synthetic world, executed by Airflow.
 
 1. generate the default world into data/world (params `generate`) unless it is already there;
-2. `airflow db migrate` + `airflow dags test twinv2_daily` (in-process executor, AIRFLOW_HOME=airflow_home),
-   training TWIN-V2 and TWIN and logging to MLflow ($MLFLOW_TRACKING_URI, else sqlite:///mlflow/mlflow.db);
+2. start the Airflow components (AIRFLOW_HOME=airflow_home, 127.0.0.1, free ports), trigger twinv2_daily over
+   the REST API and wait for it (task logs in airflow_home/logs, shown by `make airflow`'s UI; `--dags-test`:
+   in-process `airflow dags test` instead), training TWIN-V2 and TWIN and logging to MLflow
+   ($MLFLOW_TRACKING_URI, else sqlite:///mlflow/mlflow.db);
 3. print the metrics table of both models and how to open the Airflow and MLflow UIs.
 
     python -m pipelines.main_job [--preset default] [--data data/world] [--set train.epochs=2 ...]
@@ -15,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 from twinv2.config import REPO_ROOT, load_params
@@ -30,7 +33,7 @@ def airflow_env(home: Path) -> dict[str, str]:
     return {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
             "PYTHONPATH": str(REPO_ROOT), "GX_ANALYTICS_ENABLED": "False", "MLFLOW_ENABLE_TELEMETRY": "false",
-            "DO_NOT_TRACK": "1"}
+            "DO_NOT_TRACK": "1", "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30")}  # few bar lines in logs
 
 
 def find_metric(metrics: dict, key: str):
@@ -85,6 +88,63 @@ def run_daily(data: Path, runs: Path, home: Path, conf_extra: dict | None = None
     return new[-1].name
 
 
+def run_scheduled(data: Path, runs: Path, home: Path, conf_extra: dict | None = None, timeout: float = 3600) -> str:
+    """twinv2_daily through the real scheduler: start the Airflow components on 127.0.0.1 (free ports, this
+    AIRFLOW_HOME), trigger a run over the REST API, wait for it, stop the components. The task logs land in
+    AIRFLOW_HOME/logs, where the UI of `make airflow` reads them. Returns the run directory name."""
+    from pipelines.services import AirflowServices
+
+    allowed = [str(Path(data).resolve().parent), str(Path(runs).resolve())]
+    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "AIRFLOW__CORE__PARALLELISM": "1",  # one SQLite writer
+           "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",     # only this triggered run: no timetable runs
+           tracking.ALLOWED_ROOTS_ENV: os.pathsep.join(filter(None, [os.environ.get(tracking.ALLOWED_ROOTS_ENV),
+                                                                     *allowed])),
+           "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30")}
+    conf = {"data": str(data), "runs": str(runs), **(conf_extra or {})}
+    with AirflowServices(home=home, extra_env=env) as srv:
+        token, deadline = srv.token(), time.monotonic() + 180
+        while True:                                   # the dag-processor has parsed the DAG folder
+            try:
+                paused = srv.api("GET", "/api/v2/dags/twinv2_daily", token=token)["is_paused"]
+                break
+            except urllib.error.HTTPError as e:
+                if e.code != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        # a paused DAG's runs are not scheduled: unpause for this run (the scheduler makes no timetable run:
+        # use_job_schedule is off), pause again afterwards when it was paused
+        srv.api("PATCH", "/api/v2/dags/twinv2_daily", {"is_paused": False}, token)
+        try:
+            run = srv.api("POST", "/api/v2/dags/twinv2_daily/dagRuns", {"logical_date": None, "conf": conf}, token)
+            run_id = run["dag_run_id"]
+            state = _wait_run(srv, run_id, timeout)
+        finally:
+            if paused:
+                srv.api("PATCH", "/api/v2/dags/twinv2_daily", {"is_paused": True})
+        if state != "success":
+            tis = srv.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}/taskInstances")["task_instances"]
+            states = {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in tis}
+            raise RuntimeError(f"twinv2_daily run {run_id} ended {state}: {states}; task logs under {home / 'logs'}")
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
+
+
+def _wait_run(srv, run_id: str, timeout: float) -> str | None:
+    """Poll the run until it ends; print which tasks run (by their mapped names)."""
+    end, state, last = time.monotonic() + timeout, None, ""
+    while time.monotonic() < end:
+        state = srv.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}")["state"]
+        if state in ("success", "failed"):
+            return state
+        tis = srv.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}/taskInstances")["task_instances"]
+        running = sorted(f"{t['task_id']}[{t.get('rendered_map_index') or t['map_index']}]"
+                         for t in tis if t["state"] == "running")
+        if running and ", ".join(running) != last:
+            last = ", ".join(running)
+            print(f"      running: {last}", flush=True)
+        time.sleep(3)
+    return state
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.main_job", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, help="world to generate when absent (default: params generate.preset)")
@@ -92,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=None, help="run directories (default: params airflow.runs_dir)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="params.yaml override passed to the DAG run, e.g. --set train.epochs=2")
+    ap.add_argument("--dags-test", action="store_true",
+                    help="run in-process with `airflow dags test` (faster start, but no task logs in the UI) "
+                         "instead of the scheduler")
     a = ap.parse_args(argv)
     import yaml
 
@@ -113,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[1/3] using the existing world in {data}", flush=True)
 
-    print(f"[2/3] airflow dags test twinv2_daily (AIRFLOW_HOME={home}, MLflow {tracking.tracking_uri()}) ...",
+    how = "airflow dags test" if a.dags_test else "the Airflow scheduler (REST-triggered run)"
+    print(f"[2/3] twinv2_daily through {how} (AIRFLOW_HOME={home}, MLflow {tracking.tracking_uri()}) ...",
           flush=True)
-    run_id = run_daily(data, runs, home, {"overrides": overrides} if overrides else None)
+    conf = {"overrides": overrides} if overrides else None
+    run_id = run_daily(data, runs, home, conf) if a.dags_test else run_scheduled(data, runs, home, conf)
     run_root = runs / "twinv2_daily" / run_id
     models = [m for m in af.get("models", ["twinv2", "twin"]) if (run_root / m / "metrics.json").exists()]
 

@@ -158,6 +158,8 @@ class AirflowServices:
             "AIRFLOW__CORE__HOSTNAME_CALLABLE": "pipelines.services.loopback_hostname",
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             "GX_ANALYTICS_ENABLED": "False", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1",
+            # progress bars in task logs: one refresh per 30 s at most, not a carriage return per batch
+            "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30"),
         }
         env.update(self.extra_env)
         return env

@@ -32,7 +32,8 @@ def airflow(tmp_path_factory, mlflow_server):
     # all_admins: the headless browser cannot type the generated password; the REST token flow is the same.
     srv = AirflowServices(home=tmp_path_factory.mktemp("airflow_home"), all_admins=True,
                           extra_env={"MLFLOW_TRACKING_URI": mlflow_server.url,
-                                     "TWINV2_ALLOWED_ROOTS": tempfile.gettempdir()})
+                                     "TWINV2_ALLOWED_ROOTS": tempfile.gettempdir(),
+                                     "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"})   # only triggered runs
     srv.start()
     try:
         deadline = time.monotonic() + 120
