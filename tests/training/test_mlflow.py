@@ -16,6 +16,7 @@ def test_train_and_evaluate_log_to_mlflow(planted_ro, small_params, tmp_path, mo
     p = small_params
     p["train"].update(epochs=2, log_every=5)
     out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)           # the Default experiment keeps artifacts in ./mlruns of the cwd
     with mlflow.start_run(run_name="stage") as active:           # the orchestration's child run
         train.run(planted_ro, "twinv2", out, params=p)
         evaluate.run(planted_ro, out, params=p)
