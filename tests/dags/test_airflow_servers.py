@@ -127,4 +127,11 @@ def test_trigger_daily_through_rest_and_read_back_mlflow(airflow, mlflow_server,
     # logged pyfunc model "model", which made list_artifacts(run, "model") look up a missing logged model)
     files = {a.path for a in c.list_artifacts(champ.run_id, register.MODEL_ARTIFACTS)}
     assert f"{register.MODEL_ARTIFACTS}/model.pt" in files, files
-    assert champ.source.rstrip("/").endswith(f"/{register.MODEL_ARTIFACTS}")
+    assert champ.tags["files"].rstrip("/").endswith(f"/{register.MODEL_ARTIFACTS}")
+    # the version is the training run's logged model: it loads by alias through the server
+    assert champ.source == f"models:/{champ.tags['model_id']}"
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    model = mlflow.pyfunc.load_model("models:/twinv2@champion")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["user_id", "item_id", "ts"]
