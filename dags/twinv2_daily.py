@@ -18,7 +18,6 @@ Parameters of the trigger form default to params.yaml. This file stays thin: no 
 from __future__ import annotations
 
 import sys
-
 from datetime import datetime, timedelta
 from pathlib import Path
 

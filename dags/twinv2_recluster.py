@@ -14,7 +14,6 @@ incremental clustering then continues from this version.
 from __future__ import annotations
 
 import sys
-
 from datetime import datetime, timedelta
 from pathlib import Path
 
