@@ -264,7 +264,9 @@ def _serve(kind: str, port: int | None, root: str | None = None) -> int:
                   f"log {srv.log})\nPoint the pipeline at it with: export MLFLOW_TRACKING_URI={srv.url}\n"
                   "Ctrl-C stops it.", flush=True)
         else:
-            srv = AirflowServices(home=root or REPO_ROOT / "airflow_home", port=port or 8080, log_ports=(8793, 8794))
+            log_ports = (int(os.environ.get("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT") or 8793),
+                         int(os.environ.get("AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT") or 8794))
+            srv = AirflowServices(home=root or REPO_ROOT / "airflow_home", port=port or 8080, log_ports=log_ports)
             srv.start()
             pw = srv.password()
             print(f"Airflow UI: {srv.url}  user: admin  password: {pw}\n(generated on first start, kept in "

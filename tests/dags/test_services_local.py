@@ -115,9 +115,11 @@ def test_mlflow_launcher_stops_its_server_on_signal(tmp_path, sig):
 
 
 def test_airflow_components_listen_on_loopback_only_and_stop_on_sigterm(tmp_path):
-    port = free_port()
+    port, logs_port, trigger_logs_port = free_port(), free_port(), free_port()   # 8793/8794 under `make airflow`
     log = tmp_path / "launcher.log"
-    proc = _launch("airflow", port, tmp_path / "airflow_home", log)
+    proc = _launch("airflow", port, tmp_path / "airflow_home", log,
+                   {"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(logs_port),
+                    "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(trigger_logs_port)})
     try:
         _wait_url(f"http://127.0.0.1:{port}/api/v2/monitor/health", proc, log, 300)
         deadline = time.monotonic() + 120          # every component up, the two log servers listening
@@ -125,11 +127,11 @@ def test_airflow_components_listen_on_loopback_only_and_stop_on_sigterm(tmp_path
             procs = _tree(proc.pid)
             socks = _listening(procs)
             ports = {p for *_, p in socks}
-            if {port, 8793, 8794} <= ports or time.monotonic() > deadline:
+            if {port, logs_port, trigger_logs_port} <= ports or time.monotonic() > deadline:
                 break
             time.sleep(2)
         names = " ".join(c for _, c, _, _ in socks)
-        assert {port, 8793, 8794} <= ports, socks            # api-server and both task-log servers
+        assert {port, logs_port, trigger_logs_port} <= ports, socks            # api-server and both task-log servers
         assert "serve-logs" in names
         wild = [s for s in socks if s[2] != "127.0.0.1"]
         assert not wild, f"listening beyond 127.0.0.1: {wild}"
