@@ -151,7 +151,8 @@ def _common(p: argparse.ArgumentParser, sub: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="twinv2", formatter_class=_Formatter, epilog=EXIT_CODES,
                 description="TWIN-V2 life-cycle CTR modelling pipeline. Stages: generate | ingest -> validate -> "
-                            "cluster -> train -> evaluate -> register. `twinv2 <stage> --help` describes each.")
+                            "cluster -> train -> evaluate -> register; benchmark runs the experiment matrix. `twinv2 <stage> "
+                            "--help` describes each.")
     _common(p, sub=False)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="<stage>", parser_class=_Parser)
 
@@ -223,7 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run", required=True, metavar="RUNDIR", help="an evaluated run directory (required)")
     r.add_argument("--data", default=None, metavar="DIR",
                    help="dataset directory, for the lineage tags (default: the one in the run's config)")
-    for s in (g, i, v, c, t, e, r):
+    b = stage("benchmark", "train and evaluate every (model, variant, seed) cell; the results tables",
+              "Train and evaluate every cell (model, variant, seed) of the experiment matrix on DIR: the variants "
+              "are named override sets of params.yaml `benchmark.variants` (the default variant always runs; the "
+              "others run for benchmark.ablation_models), a variant changing `cluster` gets its own cluster "
+              "version. Resumable and idempotent: a finished cell (OUT/cells/<model>/<variant>/seed<S>/cell.json) "
+              "is not recomputed, a killed one resumes from its checkpoints. Writes OUT/results.json, "
+              "OUT/results.md (main, ablations, user groups, diversity, cost) and OUT/plots/*.png.")
+    b.add_argument("--data", required=True, metavar="DIR",
+                   help="dataset directory holding validated/ (required; clusters are built as needed)")
+    b.add_argument("--out", required=True, metavar="OUT", help="benchmark directory to write (required)")
+    b.add_argument("--models", default=None, metavar="M1,M2",
+                   help="comma-separated models, some of: " + ", ".join(MODELS) +
+                        " (default: benchmark.models of params.yaml)")
+    b.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="number of training seeds, train.seed = 0..N-1 (default: benchmark.seeds of params.yaml)")
+    b.add_argument("--variants", default=None, metavar="V1,V2",
+                   help="comma-separated variant names of params.yaml benchmark.variants (default: "
+                        "benchmark.run_variants, else every variant; `default` is always included)")
+    for s in (g, i, v, c, t, e, r, b):
         _common(s, sub=True)
     return p
 
@@ -249,6 +268,10 @@ def _dispatch(args: argparse.Namespace, params: dict) -> Any:
     if args.cmd == "evaluate":
         from pipelines import evaluate
         return evaluate.run(data=args.data, run=args.run, params=params)
+    if args.cmd == "benchmark":
+        from pipelines import benchmark
+        return benchmark.run(data=args.data, out=args.out, params=params, models=args.models, seeds=args.seeds,
+                             variants=args.variants, command="twinv2 " + " ".join(getattr(args, "argv", None) or sys.argv[1:]))
     if args.cmd == "register":
         from pipelines import register
         return register.run(run=args.run, data=args.data, params=params)
@@ -257,6 +280,7 @@ def _dispatch(args: argparse.Namespace, params: dict) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     from twinv2.errors import describe, format_traceback
 
     try:
