@@ -1,0 +1,238 @@
+"""`twinv2 benchmark` on the tiny world: 1 seed, 2 models (twinv2, twin), 2 variants (default, gamma5).
+
+The real stage functions run (cluster, train, evaluate); small model params and one epoch keep it short.
+Checked: the tables of results.md are complete, a second invocation recomputes nothing, a killed cell is
+re-run (resumed from its checkpoint) without recomputing the finished ones, the paired-difference math."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import benchmark
+from tests.training.conftest import SMALL_MODEL
+from twinv2.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def small(params: dict, epochs: int = 1) -> dict:
+    p = copy.deepcopy(params)
+    p["model"].update(SMALL_MODEL)
+    p["train"].update(lr=0.005, batch_size=128, epochs=epochs, patience=10, progress=False, num_workers=0,
+                      keep_checkpoints=0)
+    p["evaluate"].update(diversity_users=10, diversity_pool=50, plots=False)
+    p["cluster"].update(n_jobs=1)
+    return p
+
+
+# ------------------------------------------------------------------------------------------ math
+def test_paired_difference_by_hand():
+    a = {0: 0.70, 1: 0.72, 2: 0.69, 7: 0.5}          # seed 7 has no partner: left out
+    b = {0: 0.68, 1: 0.70, 2: 0.70}
+    p = benchmark.paired(a, b)
+    # diffs +0.02, +0.02, -0.01 -> mean 0.01; std sqrt((1e-4 + 1e-4 + 4e-4) / 2) = sqrt(3e-4)
+    assert p["n"] == 3 and p["seeds"] == [0, 1, 2]
+    assert p["mean"] == pytest.approx(0.01)
+    assert p["std"] == pytest.approx(math.sqrt(3e-4))
+    half = 4.302652729911275 * math.sqrt(3e-4) / math.sqrt(3)      # t(0.975, df=2) = 4.3027
+    assert p["ci95"] == pytest.approx([0.01 - half, 0.01 + half])
+    one = benchmark.paired({0: 0.7}, {0: 0.6})
+    assert one["n"] == 1 and one["mean"] == pytest.approx(0.1) and one["std"] is None and one["ci95"] is None
+    assert benchmark.mean_std([0.6, 0.7, 0.8]) == (pytest.approx(0.7), pytest.approx(0.1))
+    assert benchmark.mean_std([]) == (None, None)
+
+
+def test_plan_and_errors(params):
+    cells = benchmark.plan(params, models="twinv2,twin", seeds=2, variants="gamma5")
+    got = [(c["model"], c["variant"], c["seed"]) for c in cells]
+    # the default variant for every model; the other variants for benchmark.ablation_models (twinv2)
+    assert got == [("twinv2", "default", 0), ("twinv2", "default", 1), ("twin", "default", 0),
+                   ("twin", "default", 1), ("twinv2", "gamma5", 0), ("twinv2", "gamma5", 1)]
+    with pytest.raises(ConfigError, match="nope"):
+        benchmark.plan(params, models="twinv2", seeds=1, variants="nope")
+    with pytest.raises(ConfigError, match="not models"):
+        benchmark.plan(params, models="twinv3", seeds=1)
+    with pytest.raises(ConfigError, match="N >= 1"):
+        benchmark.plan(params, models="twin", seeds=0)
+    bad = copy.deepcopy(params)
+    del bad["benchmark"]["variants"]["default"]
+    with pytest.raises(ConfigError, match="no 'default' variant"):
+        benchmark.plan(bad, models="twin", seeds=1)
+    bad = copy.deepcopy(params)
+    bad["benchmark"]["variants"]["x"] = {"cluster.gamma": "big"}
+    with pytest.raises(ConfigError, match="expected a number"):
+        benchmark.plan(bad, models="twin", seeds=1)
+    # every variant of params.yaml is valid against params.yaml
+    assert benchmark.settings(params)["variants"]["default"] == {}
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["benchmark", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--variants", "nope"]) == 3
+    assert "benchmark.variants" in capsys.readouterr().err
+    assert main(["benchmark", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o"),
+                 "--models", "twin", "--seeds", "1", "--variants", "default"]) == 2   # no validated data
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def _stamp(out: Path) -> dict[str, int]:
+    """mtimes of every cell's done marker and trained weights."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns
+            for pat in ("cells/*/*/*/cell.json", "cells/*/*/*/run/model.pt") for p in sorted(out.glob(pat))}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, tiny_validated_ro, params):
+    from pipelines.cli import main
+    from twinv2.clustering import store
+
+    root = tmp_path_factory.mktemp("bench")
+    data = root / "world"
+    shutil.copytree(tiny_validated_ro, data)
+    from pipelines import cluster
+
+    before = cluster.run(data=data, params=small(params))["version"]       # an existing CURRENT is kept
+    pfile = root / "params.yaml"
+    pfile.write_text(yaml.safe_dump(small(params)))
+    out = root / "out"
+    args = ["benchmark", "--data", str(data), "--out", str(out), "--models", "twinv2,twin", "--seeds", "1",
+            "--variants", "gamma5", "--params", str(pfile)]
+    t0 = time.perf_counter()
+    assert main(args) == 0
+    print(f"first benchmark run: {time.perf_counter() - t0:.1f}s")
+    assert store.current_version(data) == before
+    return {"data": data, "out": out, "args": args, "pfile": pfile, "current": before}
+
+
+def test_results_complete(bench):
+    out = bench["out"]
+    res = json.loads((out / "results.json").read_text())
+    cells = {(c["model"], c["variant"], c["seed"]) for c in res["cells"]}
+    assert cells == {("twinv2", "default", 0), ("twin", "default", 0), ("twinv2", "gamma5", 0)}
+    for c in res["cells"]:
+        m = c["metrics"]
+        for k in ("auc", "gauc", "logloss", "oracle_gap"):
+            assert isinstance(m[k], float) and math.isfinite(m[k]), (c["label"], k)
+        assert len(m["by_group"]) == 4 and all(g["auc"] is not None for g in m["by_group"])
+        assert m["diversity"]["ranking"]["coverage"] is not None
+        assert c["cost"]["train_s"] > 0 and c["cost"]["samples_per_s"] > 0 and c["cost"]["evaluate_s"] > 0
+        assert c["cost"]["peak_rss_mb"] > 50
+        # each cell ran with its own seed and the cluster version of its variant, pinned
+        cfg = json.loads((Path(c["run_dir"]) / "config.json").read_text())
+        assert cfg["params"]["train"]["seed"] == c["seed"] == 0
+        assert cfg["params"]["train"]["cluster_version"] == c["cluster_version"]
+        if c["model"] == "twinv2":                   # the model that reads clusters reads that version
+            assert cfg["cluster_version"] == c["cluster_version"]
+    by = {(c["model"], c["variant"]): c for c in res["cells"]}
+    assert by[("twinv2", "default")]["cluster_version"] == by[("twin", "default")]["cluster_version"] == bench["current"]
+    assert by[("twinv2", "gamma5")]["cluster_version"] != bench["current"]       # gamma changes the version
+    gamma5 = json.loads((bench["data"] / "clusters" / by[("twinv2", "gamma5")]["cluster_version"] /
+                         "manifest.json").read_text())
+    assert gamma5["params"]["gamma"] == 5
+    t = res["tables"]
+    assert [r["model"] for r in t["main"]] == ["twinv2", "twin"]
+    assert t["main"][0]["d_auc"]["mean"] == pytest.approx(by[("twinv2", "default")]["metrics"]["auc"] -
+                                                          by[("twin", "default")]["metrics"]["auc"])
+    assert [r["variant"] for r in t["ablation"]] == ["default", "gamma5"]
+    assert len(t["groups"]) == 8 and len(t["group_gain"]) == 4
+    assert [r["model"] for r in t["diversity"]] == [r["model"] for r in t["cost"]] == ["twinv2", "twin"]
+    assert {c["version"] for c in res["clusters"]} == {c["cluster_version"] for c in res["cells"]}
+    assert all(c["compression"] > 1 for c in res["clusters"])
+
+    md = (out / "results.md").read_text()
+    assert md.startswith("# Benchmark results")
+    assert "`twinv2 benchmark --data" in md and res["meta"]["git_commit"] in md
+    sections = md.split("\n## ")[1:]
+    assert [s.split("\n")[0][:2] for s in sections] == ["1.", "2.", "3.", "4.", "5."]
+
+    def rows(section):
+        return [l for l in section.splitlines() if l.startswith("| ") and not l.startswith("| model |")
+                and not l.startswith("| group |") and not l.startswith("| variants |")]
+
+    main_rows, abl_rows, grp_rows, div_rows, cost_rows = map(rows, sections)
+    assert [r.split("|")[1].strip() for r in main_rows] == ["twinv2", "twin"]
+    assert "n/a" not in " ".join(main_rows)
+    assert [r.split("|")[2].strip() for r in abl_rows] == ["default", "gamma5"]
+    assert "cluster.gamma=5" in abl_rows[1]
+    assert len(grp_rows) == 8 + 4 and "n/a" not in " ".join(grp_rows)
+    assert [r.split("|")[1].strip() for r in div_rows] == ["twinv2", "twin"] and "n/a" not in " ".join(div_rows)
+    assert len(cost_rows) == 2 + 2 and "n/a" not in " ".join(cost_rows)          # 2 models + 2 cluster versions
+    for png in ("main.png", "ablations.png", "groups.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_second_run_recomputes_nothing(bench):
+    from pipelines.cli import main
+
+    out = bench["out"]
+    before = _stamp(out)
+    assert len(before) == 6
+    assert main(bench["args"]) == 0
+    assert _stamp(out) == before
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["computed"] == 0 and meta["skipped"] == 3
+
+
+def test_crashed_cell_resumes_from_checkpoint(bench):
+    """A cell that died after its epoch checkpoint (no model.pt, no done marker) is resumed; the others are
+    not touched; resuming gives the uninterrupted run's result."""
+    from pipelines.cli import main
+
+    out = bench["out"]
+    cell = out / "cells" / "twin" / "default" / "seed0"
+    old = json.loads((cell / "cell.json").read_text())
+    assert list((cell / "run" / "checkpoints").glob("epoch-*.pt"))
+    for f in ("cell.json", "run/model.pt", "run/train_metrics.json", "run/metrics.json", "run/item_embeddings.npz"):
+        (cell / f).unlink()
+    others = {k: v for k, v in _stamp(out).items() if "twin/default" not in k}
+    assert main(bench["args"]) == 0
+    new = json.loads((cell / "cell.json").read_text())
+    assert new["how"] == "resumed from checkpoint"
+    assert new["metrics"]["auc"] == pytest.approx(old["metrics"]["auc"], abs=1e-6)
+    assert {k: v for k, v in _stamp(out).items() if "twin/default" not in k} == others
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["computed"] == 1 and meta["skipped"] == 2
+
+
+def test_killed_cell_is_rerun(bench):
+    """A real SIGKILL in the middle of a new cell (seed 1 of twin); the next invocation finishes it, and
+    the finished cells (seed 0) are not recomputed."""
+    out = bench["out"]
+    args = ["benchmark", "--data", str(bench["data"]), "--out", str(out), "--models", "twin", "--seeds", "2",
+            "--variants", "default", "--params", str(bench["pfile"])]
+    done0 = _stamp(out)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cell = out / "cells" / "twin" / "default" / "seed1"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (cell / "run" / "config.json").exists():
+            assert proc.poll() is None, "the benchmark ended before the cell started"
+            time.sleep(0.2)
+        assert (cell / "run" / "config.json").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (cell / "cell.json").exists()
+    from pipelines.cli import main
+
+    assert main(args) == 0
+    rec = json.loads((cell / "cell.json").read_text())
+    assert rec["seed"] == 1 and math.isfinite(rec["metrics"]["auc"])
+    assert {k: v for k, v in _stamp(out).items() if k in done0} == done0
+    res = json.loads((out / "results.json").read_text())
+    assert {(c["model"], c["seed"]) for c in res["cells"]} == {("twin", 0), ("twin", 1)}
+    assert res["tables"]["main"][0]["n"] == 2 and res["tables"]["main"][0]["auc"][1] is not None
