@@ -114,6 +114,20 @@ def test_trigger_daily_through_rest_and_read_back_mlflow(airflow, mlflow_server,
     for r in children:
         for tag in ("dag_id", "run_id", "try_number", "git_commit", "dvc_data_hash"):
             assert r.data.tags.get(tag), (r.data.tags.get("stage"), tag)
+    # every run carries its stage's params (Compare has something to show); settings are not metrics
+    expected = {"validate": "validate.max_quarantine_share", "cluster": "cluster.gamma",
+                "cluster_finalize": "cluster.gamma", "train": "train.lr", "evaluate": "evaluate.diversity_pool",
+                "register": "register.champion_margin"}
+    for r in children:
+        stage = r.data.tags["stage"]
+        assert expected[stage] in r.data.params, (stage, sorted(r.data.params)[:10])
+        assert not any(k.startswith("params.") or k.endswith((".pool", ".top_n")) or k.startswith("test_")
+                       for k in r.data.metrics), (stage, sorted(r.data.metrics))
+        if stage in ("train", "evaluate"):
+            from pipelines import tracking
+
+            assert [d.dataset.digest for d in r.inputs.dataset_inputs] == [tracking.data_hash(tiny_world, "validated")]
+    assert c.get_experiment_by_name("twinv2").tags["mlflow.experimentKind"] == "custom_model_development"
     ev = [r for r in children if r.data.tags["stage"] == "evaluate"]
     assert {r.data.tags["model"] for r in ev} == {"twinv2", "twin"}
     names = [set(r.data.metrics) for r in ev]
