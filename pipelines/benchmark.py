@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import threading
@@ -313,6 +314,7 @@ def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     write_json(started, {"key": cell["key"], "label": label(cell), "started_s": time.time()})
     params = cell["params"]
+    bound = os.environ.get("MLFLOW_RUN_ID")
     how = "fresh"
     with _PeakRSS() as rss:
         if (run / "model.pt").exists() and (run / "train_metrics.json").exists():
@@ -325,6 +327,8 @@ def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
             t0 = time.perf_counter()
             trained = train.run(data=data, model=cell["model"], out=run, params=params, resume=resume)
             train_s = time.perf_counter() - t0
+        if bound:            # mlflow's end_run (train's) unsets MLFLOW_RUN_ID: evaluate logs into the same run
+            os.environ["MLFLOW_RUN_ID"] = bound
         t0 = time.perf_counter()
         metrics = evaluate.run(data=data, run=run, params=params)
         eval_s = time.perf_counter() - t0

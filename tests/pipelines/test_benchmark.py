@@ -236,3 +236,40 @@ def test_killed_cell_is_rerun(bench):
     res = json.loads((out / "results.json").read_text())
     assert {(c["model"], c["seed"]) for c in res["cells"]} == {("twin", 0), ("twin", 1)}
     assert res["tables"]["main"][0]["n"] == 2 and res["tables"]["main"][0]["auc"][1] is not None
+
+
+def test_mlflow_parent_and_nested_cell_runs(bench, tmp_path, monkeypatch, params):
+    """With tracking on: one parent run per benchmark, a nested run per computed cell carrying the cell's
+    params and tags, into which train and evaluate log (their curves and test metrics)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)                          # the default experiment's ./mlruns stays here
+    from pipelines import tracking
+
+    out = tmp_path / "out"
+    p = small(params)
+    rep = benchmark.run(bench["data"], out, p, models="twin", seeds=1, variants="topk25", command="test")
+    assert rep["computed"] == 1
+    c = tracking.client()
+    exp = tracking.experiment_id(c)
+    parents = c.search_runs([exp], "tags.role = 'parent' and tags.dag_id = 'twinv2_benchmark_cli'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.params["train.epochs"] == "1"
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id, "benchmark")}
+    assert {"benchmark/results.md", "benchmark/results.json"} <= arts
+    kids = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(kids) == 1
+    kid = kids[0]
+    assert kid.info.status == "FINISHED"
+    assert kid.data.tags["model"] == "twin" and kid.data.tags["variant"] == "default" and kid.data.tags["seed"] == "0"
+    assert kid.data.params["train.seed"] == "0" and kid.data.params["model.topk"] == str(SMALL_MODEL["topk"])
+    assert kid.data.params["train.cluster_version"] == bench["current"]
+    assert "auc" in kid.data.metrics and "epoch_valid_gauc" in kid.data.metrics      # evaluate + train logged here
+    assert kid.data.metrics["auc"] == pytest.approx(json.loads((out / "results.json").read_text())
+                                                    ["cells"][0]["metrics"]["auc"])
+    assert {r.info.run_id for r in c.search_runs([exp])} == {parent.info.run_id, kid.info.run_id}   # no stray run
+    # a second invocation reuses the parent and computes (and logs) nothing new
+    assert benchmark.run(bench["data"], out, p, models="twin", seeds=1, variants="topk25")["computed"] == 0
+    assert len(c.search_runs([exp], "tags.role = 'parent' and tags.dag_id = 'twinv2_benchmark_cli'")) == 1
+    assert len(c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 1
