@@ -548,8 +548,12 @@ def markdown(t: dict, st: dict, meta: dict, clusters: list[dict]) -> str:
     for c in clusters:
         L.append(f"| {', '.join(c['variants'])} | {c['version']} | {c['n_behaviours'] or 'n/a'} | "
                  f"{c['n_clusters'] or 'n/a'} | {_f(c['compression'], 2)} | {_f(c['s_per_1e6_behaviours'], 1)} |")
-    L += ["", "Wall time of the cells computed by this invocation: %.0f s (%d computed, %d already done)."
-          % (meta.get("wall_s", 0.0), meta.get("computed", 0), meta.get("skipped", 0))]
+    L += ["", "Compute of the matrix: %.0f s of train + evaluate over %d cells (sum of the cells' own times)."
+          % (sum(sum(float(r["cost"].get(k) or 0) for k in ("train_s", "evaluate_s")) for r in meta.get("records", [])),
+             meta["n_cells"])]
+    if "wall_s" in meta:
+        L.append("This invocation: %.0f s wall, %d cells computed, %d already done."
+                 % (meta["wall_s"], meta.get("computed", 0), meta.get("skipped", 0)))
     if meta.get("plots"):
         L += ["", "Plots: " + ", ".join(f"[{Path(p).name}](plots/{Path(p).name})" for p in meta["plots"])]
     return "\n".join(L) + "\n"
@@ -610,10 +614,10 @@ def report(out: str | Path, records: list[dict], st: dict, meta: dict, clusters:
     variants = list(dict.fromkeys(meta["variants"]))
     t = tables(records, st, models, variants)
     meta = {**meta, "plots": plots(out, t, st)}
+    md = markdown(t, st, {**meta, "records": records}, clusters)
     cells = [{k: r.get(k) for k in ("model", "variant", "seed", "key", "label", "overrides", "cluster_version",
                                     "metrics", "cost", "train", "how", "run_dir")} for r in records]
     write_json(out / "results.json", {"meta": meta, "cells": cells, "tables": t, "clusters": clusters})
-    md = markdown(t, st, meta, clusters)
     with atomic_path(out / "results.md") as tmp:
         Path(tmp).write_text(md)
     return {"tables": t, "markdown": md, "plots": meta["plots"]}

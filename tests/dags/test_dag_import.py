@@ -66,7 +66,7 @@ def parsed(tmp_path_factory):
 
 def test_no_import_errors(parsed):
     assert parsed["import_errors"] == {}
-    assert {"twinv2_daily", "twinv2_recluster"} <= set(parsed["dag_ids"])
+    assert {"twinv2_daily", "twinv2_recluster", "twinv2_benchmark"} <= set(parsed["dag_ids"])
 
 
 def test_no_heavy_imports_and_fast_parse(parsed):
@@ -116,6 +116,22 @@ def test_recluster_structure(parsed):
     assert set(t) == {"start", "plan_shards", "cluster_shard", "finalize_clusters"}
     assert t["cluster_shard"]["mapped"] and "finalize_clusters" in t["cluster_shard"]["down"]
     assert "7" in d["schedule"] or "week" in d["schedule"].lower() or "0 0 * * 0" in d["schedule"]
+
+
+def test_benchmark_structure(parsed):
+    from twinv2.config import load_params
+
+    d = parsed["dags"]["twinv2_benchmark"]
+    t = d["tasks"]
+    assert d["doc_md"] and d["schedule"] == "None" and d["timetable"] == "NullTimetable"   # manual trigger only
+    assert set(t) == {"start", "plan", "cell", "report"}
+    for up, down in [("start", "plan"), ("plan", "cell"), ("cell", "report"), ("plan", "report")]:
+        assert down in t[up]["down"], f"{up} -> {down} missing"
+    assert t["cell"]["mapped"] and t["cell"]["map_index_template"] == "{{ label }}"
+    bm = load_params()["benchmark"]
+    p = d["params"]
+    assert p["models"] == bm["models"] and p["seeds"] == bm["seeds"]
+    assert set(p["variants"]) == set(bm["variants"]) and p["data"] == load_params()["airflow"]["data_dir"]
 
 
 def test_every_param_resolves_with_its_default(parsed):

@@ -273,3 +273,52 @@ def test_mlflow_parent_and_nested_cell_runs(bench, tmp_path, monkeypatch, params
     assert benchmark.run(bench["data"], out, p, models="twin", seeds=1, variants="topk25")["computed"] == 0
     assert len(c.search_runs([exp], "tags.role = 'parent' and tags.dag_id = 'twinv2_benchmark_cli'")) == 1
     assert len(c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 1
+
+
+@pytest.mark.slow
+def test_benchmark_dag_end_to_end(bench, tmp_path, params):
+    """`airflow dags test twinv2_benchmark` on the tiny world, 1 seed, 2 models, 2 variants: one mapped task
+    per cell labelled model/variant/seed, a report with every table, a parent MLflow run with a nested run
+    per cell."""
+    from mlflow import MlflowClient
+
+    from pipelines import main_job, tracking
+
+    home = tmp_path / "airflow_home"
+    home.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**main_job.airflow_env(home), "MLFLOW_TRACKING_URI": uri,
+           tracking.ALLOWED_ROOTS_ENV: os.pathsep.join([str(bench["data"].parent), str(tmp_path)])}
+    env.pop("MLFLOW_RUN_ID", None)
+    r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    conf = {"data": str(bench["data"]), "out": str(out), "models": ["twinv2", "twin"], "seeds": 1,
+            "variants": ["default", "gamma5"], "params_file": str(bench["pfile"])}
+    r = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", "twinv2_benchmark", "-c", json.dumps(conf)],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0 and "DagRunState.FAILED" not in log, log[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    assert {c["label"] for c in res["cells"]} == {"twinv2/default/seed0", "twin/default/seed0", "twinv2/gamma5/seed0"}
+    md = (out / "results.md").read_text()
+    assert "Airflow DAG twinv2_benchmark" in md and [s[:2] for s in md.split("\n## ")[1:]] == ["1.", "2.", "3.", "4.", "5."]
+    assert len(res["tables"]["main"]) == 2 and len(res["tables"]["ablation"]) == 2 and len(res["tables"]["groups"]) == 8
+    # the mapped task instances carry their cell's label (map_index_template), not 0/1/2
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(f"sqlite:///{home / 'airflow.db'}")
+    with eng.connect() as con:
+        names = {row[0] for row in con.execute(text("select rendered_map_index from task_instance where "
+                                                    "dag_id = 'twinv2_benchmark' and task_id = 'cell'"))}
+    assert names == {"twinv2/default/seed0", "twin/default/seed0", "twinv2/gamma5/seed0"}
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("twinv2").experiment_id
+    parents = c.search_runs([exp], "tags.role = 'parent' and tags.dag_id = 'twinv2_benchmark'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    kids = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert {k.data.tags["key"] for k in kids} == names
+    for k in kids:
+        assert k.info.status == "FINISHED" and "auc" in k.data.metrics and k.data.params["train.seed"] == "0"
+    assert {(k.data.tags["variant"], k.data.params["cluster.gamma"]) for k in kids} == {("default", "20"), ("gamma5", "5")}
