@@ -28,7 +28,8 @@ import twinv2_common as common  # noqa: E402
 
 BM = common.SETTINGS.get("benchmark", {}) or {}
 _SEEDS = BM.get("seeds", 3)
-_VARIANTS = list(BM.get("run_variants") or (BM.get("variants") or {"default": {}}))
+_DEFAULT = BM.get("default_variant", "default")
+_VARIANTS = [_DEFAULT] + [v for v in (BM.get("run_variants") or BM.get("variants") or {}) if v != _DEFAULT]
 PARAMS = {
     "data": Param(common.AF.get("data_dir", "data/world"), type="string", minLength=1,
                   description=f"dataset directory holding validated/ ({common.PATH_NOTE})"),

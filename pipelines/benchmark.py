@@ -157,6 +157,23 @@ def plan(params: dict, models=None, seeds=None, variants=None) -> list[dict]:
     return cells
 
 
+def select(cells: list[dict], only: Iterable[str]) -> list[dict]:
+    """The cells named MODEL/VARIANT/SEED (seed with or without the 'seed' prefix), in plan order; a name
+    that is not a cell of the plan is a ConfigError."""
+    want = {}
+    for name in only:
+        parts = str(name).strip().split("/")
+        if len(parts) != 3 or not parts[2].removeprefix("seed").isdigit():
+            raise ConfigError(f"--cell {name!r}: expected MODEL/VARIANT/SEED, e.g. twinv2/gamma5/0")
+        want[(parts[0], parts[1], int(parts[2].removeprefix("seed")))] = name
+    have = {(c["model"], c["variant"], c["seed"]) for c in cells}
+    missing = [n for k, n in want.items() if k not in have]
+    if missing:
+        raise ConfigError(f"--cell {', '.join(missing)}: not a cell of the plan (models x variants x seeds; the "
+                          f"variants other than the default run for benchmark.ablation_models only)")
+    return [c for c in cells if (c["model"], c["variant"], c["seed"]) in want]
+
+
 def label(cell: dict) -> str:
     return f"{cell['model']}/{cell['variant']}/seed{cell['seed']}"
 
@@ -607,6 +624,29 @@ def plots(out: Path, t: dict, st: dict) -> list[str]:
     return written
 
 
+def flat_metrics(t: dict, st: dict) -> dict:
+    """One level of {name: number} for `dvc metrics` / `dvc exp show`: per model the mean AUC, GAUC, logloss,
+    oracle gap and the paired AUC/GAUC difference vs the reference; per ablation variant the same."""
+    out: dict[str, float] = {}
+    for r in t["main"]:
+        for k in ("auc", "gauc", "logloss", "oracle_gap"):
+            if r[k][0] is not None:
+                out[f"{r['model']}.{k}"] = round(r[k][0], 6)
+        for k in ("d_auc", "d_gauc"):
+            if r.get(k) and r[k]["mean"] is not None:
+                out[f"{r['model']}.{k}_vs_{st['reference']}"] = round(r[k]["mean"], 6)
+    for r in t["ablation"]:
+        if r["variant"] == st["default"]:
+            continue
+        for k in ("auc", "gauc"):
+            if r[k][0] is not None:
+                out[f"{r['model']}@{r['variant']}.{k}"] = round(r[k][0], 6)
+        for k in ("d_auc", "d_gauc"):
+            if r.get(k) and r[k]["mean"] is not None:
+                out[f"{r['model']}@{r['variant']}.{k}_vs_{st['default']}"] = round(r[k]["mean"], 6)
+    return out
+
+
 def report(out: str | Path, records: list[dict], st: dict, meta: dict, clusters: list[dict]) -> dict:
     """OUT/results.json (every cell + the tables) and OUT/results.md (+ OUT/plots/*.png)."""
     out = Path(out)
@@ -618,6 +658,7 @@ def report(out: str | Path, records: list[dict], st: dict, meta: dict, clusters:
     cells = [{k: r.get(k) for k in ("model", "variant", "seed", "key", "label", "overrides", "cluster_version",
                                     "metrics", "cost", "train", "how", "run_dir")} for r in records]
     write_json(out / "results.json", {"meta": meta, "cells": cells, "tables": t, "clusters": clusters})
+    write_json(out / "metrics.json", flat_metrics(t, st))
     with atomic_path(out / "results.md") as tmp:
         Path(tmp).write_text(md)
     return {"tables": t, "markdown": md, "plots": meta["plots"]}
@@ -630,12 +671,22 @@ def bench_id(out: str | Path) -> str:
 
 
 def run(data: str | Path, out: str | Path, params: dict | None = None, models=None, seeds=None, variants=None,
-        command: str | None = None) -> dict:
+        command: str | None = None, only: Iterable[str] | None = None) -> dict:
+    """Every cell of the plan, then the report; `only` (MODEL/VARIANT/SEED names): just those cells, no
+    report (what the DVC cell stages run; the report stage runs the whole plan, computing nothing new)."""
     params = params or load_params()
     st = settings(params)
     data, out = Path(data), Path(out)
+    planned = plan(params, models, seeds, variants)
+    if only:
+        planned = select(planned, only)
     out.mkdir(parents=True, exist_ok=True)
-    cells = prepare(data, params, plan(params, models, seeds, variants))
+    cells = prepare(data, params, planned)
+    if only:
+        recs = [run_cell(data, out, c) for c in cells]
+        n = sum(1 for r in recs if not r.get("skipped"))
+        return {"cells": len(cells), "computed": n, "skipped": len(cells) - n,
+                "summary": f"benchmark: cells {', '.join(label(c) for c in cells)} ({n} computed) -> {out / 'cells'}"}
     write_json(out / "plan.json", [{k: c[k] for k in ("label", "model", "variant", "seed", "key", "cluster_version",
                                                       "overrides")} for c in cells])
     track = None

@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variants", default=None, metavar="V1,V2",
                    help="comma-separated variant names of params.yaml benchmark.variants (default: "
                         "benchmark.run_variants, else every variant; `default` is always included)")
+    b.add_argument("--cell", action="append", default=None, metavar="MODEL/VARIANT/SEED",
+                   help="run only this cell of the plan, e.g. twinv2/gamma5/0, and write no report (repeatable; "
+                        "what the DVC cell stages run; default: every cell, then the report)")
     for s in (g, i, v, c, t, e, r, b):
         _common(s, sub=True)
     return p
@@ -271,7 +274,8 @@ def _dispatch(args: argparse.Namespace, params: dict) -> Any:
     if args.cmd == "benchmark":
         from pipelines import benchmark
         return benchmark.run(data=args.data, out=args.out, params=params, models=args.models, seeds=args.seeds,
-                             variants=args.variants, command="twinv2 " + " ".join(getattr(args, "argv", None) or sys.argv[1:]))
+                             variants=args.variants, command="twinv2 " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
+                             only=args.cell)
     if args.cmd == "register":
         from pipelines import register
         return register.run(run=args.run, data=args.data, params=params)

@@ -183,6 +183,9 @@ def test_second_run_recomputes_nothing(bench):
     assert _stamp(out) == before
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["computed"] == 0 and meta["skipped"] == 3
+    # one named cell (the DVC cell stages): done, so nothing either
+    assert main(bench["args"] + ["--cell", "twinv2/gamma5/0"]) == 0
+    assert _stamp(out) == before
 
 
 def test_crashed_cell_resumes_from_checkpoint(bench):
@@ -322,3 +325,24 @@ def test_benchmark_dag_end_to_end(bench, tmp_path, params):
     for k in kids:
         assert k.info.status == "FINISHED" and "auc" in k.data.metrics and k.data.params["train.seed"] == "0"
     assert {(k.data.tags["variant"], k.data.params["cluster.gamma"]) for k in kids} == {("default", "20"), ("gamma5", "5")}
+
+
+def test_select_cells(params):
+    cells = benchmark.plan(params, models="twinv2,twin", seeds=2, variants="gamma5")
+    got = benchmark.select(cells, ["twinv2/gamma5/1", "twin/default/seed0"])
+    assert [(c["model"], c["variant"], c["seed"]) for c in got] == [("twin", "default", 0), ("twinv2", "gamma5", 1)]
+    with pytest.raises(ConfigError, match="not a cell of the plan"):
+        benchmark.select(cells, ["twin/gamma5/0"])                 # variants run for ablation_models only
+    with pytest.raises(ConfigError, match="MODEL/VARIANT/SEED"):
+        benchmark.select(cells, ["twin/0"])
+
+
+def test_dvc_matrix_matches_the_plan(params):
+    """benchmark/dvc.yaml's cell and ablation stages are exactly the cells `twinv2 benchmark` plans."""
+    r = subprocess.run([str(Path(sys.executable).parent / "dvc"), "stage", "list", "benchmark/dvc.yaml"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    outs = {l.split()[-1] for l in r.stdout.splitlines() if ":cell@" in l or ":ablation@" in l}
+    cells = benchmark.plan(params)
+    assert outs == {f"runs/benchmark/cells/{c['model']}/{c['variant']}/seed{c['seed']}/cell.json" for c in cells}
+    assert any(":report" in l for l in r.stdout.splitlines())
