@@ -346,3 +346,40 @@ def test_dvc_matrix_matches_the_plan(params):
     cells = benchmark.plan(params)
     assert outs == {f"runs/benchmark/cells/{c['model']}/{c['variant']}/seed{c['seed']}/cell.json" for c in cells}
     assert any(":report" in l for l in r.stdout.splitlines())
+
+
+@pytest.mark.slow
+def test_dvc_benchmark_repro_and_experiment(tmp_path, params):
+    """benchmark/dvc.yaml in a fresh git repository from this working tree, on the tiny world with one model,
+    one ablation variant and one seed: `dvc repro` builds every cell and the report; `dvc exp run -S` changes a
+    param and `dvc exp show` / `dvc metrics diff` compare the two (metrics in git-tracked dvc_metrics/)."""
+    from tests.pipelines.test_dvc_repro import _clone, _sh
+
+    clone = _clone(tmp_path)
+    p = small(yaml.safe_load((clone / "params.yaml").read_text()))
+    p["generate"]["preset"] = "tiny"
+    p["benchmark"].update(models=["twin"], seeds=[0], ablation_models=["twin"], run_variants=["topk25"])
+    (clone / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    _sh(["git", "commit", "-q", "-am", "tiny"], clone)
+    _sh(["dvc", "repro", "validate"], clone)
+    _sh(["dvc", "repro", "benchmark/dvc.yaml"], clone)
+    m0 = json.loads((clone / "dvc_metrics" / "benchmark" / "metrics.json").read_text())
+    assert {"twin.auc", "twin.gauc", "twin@topk25.auc", "twin@topk25.d_auc_vs_default"} <= set(m0)
+    assert (clone / "dvc_metrics" / "benchmark" / "results.md").read_text().startswith("# Benchmark results")
+    _sh(["git", "add", "dvc.lock", "benchmark/dvc.lock", "dvc_metrics"], clone)
+    _sh(["git", "commit", "-q", "-m", "baseline"], clone)
+    assert "changed" not in _sh(["dvc", "status", "benchmark/dvc.yaml"], clone)
+    _sh(["dvc", "exp", "run", "benchmark/dvc.yaml", "-S", "train.lr=0.02", "-n", "lr02"], clone)
+    m1 = json.loads((clone / "dvc_metrics" / "benchmark" / "metrics.json").read_text())
+    assert m1["twin.auc"] != m0["twin.auc"]                          # the cells were recomputed with lr 0.02
+    rows = json.loads(_sh(["dvc", "exp", "show", "--json"], clone))
+    found = {}
+    for row in rows:
+        for exp in [row] + [e for x in (row.get("experiments") or []) for e in (x.get("revs") or [])]:
+            name = exp.get("name") or exp.get("rev")
+            mets = ((exp.get("data") or {}).get("metrics") or {}).get("dvc_metrics/benchmark/metrics.json") or {}
+            if (mets.get("data") or {}).get("twin.auc") is not None:
+                found[name] = mets["data"]["twin.auc"]
+    assert "lr02" in found and len(found) >= 2, found
+    diff = _sh(["dvc", "metrics", "diff", "HEAD", "lr02", "--json"], clone)
+    assert "twin.auc" in diff
