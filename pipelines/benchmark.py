@@ -361,6 +361,9 @@ def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
         "train": {k: trained.get(k) for k in ("best_epoch", "epochs_run", "best_valid_gauc", "resumed_from_epoch",
                                               "n_train")},
         "cost": {"train_s": train_s, "samples_per_s": sps, "evaluate_s": eval_s, "peak_rss_mb": rss.mb},
+        "curve": [{k: h.get(k) for k in ("epoch", "train_loss", "valid_auc", "valid_gauc")}
+                  for h in trained.get("history") or [] if isinstance(h, dict)],
+        "cluster_params": {k: params.get("cluster", {}).get(k) for k in ("gamma", "exponent", "group_edges")},
         "how": how, "run_dir": str(run), "finished_s": time.time(),
     }
     write_json(d / "cell.json", record)                  # atomic, last: the done marker
@@ -647,16 +650,73 @@ def flat_metrics(t: dict, st: dict) -> dict:
     return out
 
 
+def more_plots(out: Path, records: list[dict], st: dict, clusters: list[dict]) -> list[str]:
+    """Training curves (valid GAUC per epoch of every default-variant cell) and, when gamma variants ran,
+    compression and AUC vs gamma."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        with atomic_path(folder / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(str(folder / name))
+
+    default = [r for r in records if r["variant"] == st["default"] and r.get("curve")]
+    if default:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["model"] for r in default))}
+        for r in default:
+            ep = [h["epoch"] for h in r["curve"]]
+            ax.plot(ep, [h["valid_gauc"] for h in r["curve"]], "o-", color=colours[r["model"]], alpha=0.8,
+                    label=r["model"] if r["seed"] == min(x["seed"] for x in default if x["model"] == r["model"]) else None)
+        ax.set(xlabel="epoch", ylabel="valid GAUC", title="training curves (every seed)")
+        ax.legend(fontsize=7)
+        save(fig, "curves.png")
+    # gamma: the default variant and the variants that change cluster.gamma only
+    by_gamma: dict[float, dict] = {}
+    comp = {c["version"]: c.get("compression") for c in clusters}
+    for r in records:
+        if r["model"] not in st["ablation_models"] or set(r.get("overrides") or {}) - {"cluster.gamma"}:
+            continue
+        g = (r.get("cluster_params") or {}).get("gamma")
+        if g is None:
+            continue
+        e = by_gamma.setdefault(float(g), {"auc": [], "compression": comp.get(r.get("cluster_version"))})
+        e["auc"].append(r["metrics"].get("auc"))
+    if len(by_gamma) >= 2:
+        gs = sorted(by_gamma)
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        ax.plot(gs, [by_gamma[g]["compression"] or float("nan") for g in gs], "s-", color="C1", label="compression")
+        ax.set(xlabel="gamma (max cluster size)", ylabel="behaviours per cluster", xscale="log")
+        ax2 = ax.twinx()
+        ms = [mean_std(by_gamma[g]["auc"]) for g in gs]
+        ax2.errorbar(gs, [m[0] if m[0] is not None else float("nan") for m in ms], yerr=[m[1] or 0 for m in ms],
+                     marker="o", color="C0", capsize=3, label="AUC")
+        ax2.set(ylabel="test AUC")
+        ax.set_title("compression and AUC vs gamma")
+        fig.legend(fontsize=7, loc="upper left")
+        save(fig, "gamma.png")
+    return written
+
+
 def report(out: str | Path, records: list[dict], st: dict, meta: dict, clusters: list[dict]) -> dict:
     """OUT/results.json (every cell + the tables) and OUT/results.md (+ OUT/plots/*.png)."""
     out = Path(out)
     models = list(dict.fromkeys(meta["models"]))
     variants = list(dict.fromkeys(meta["variants"]))
     t = tables(records, st, models, variants)
-    meta = {**meta, "plots": plots(out, t, st)}
+    meta = {**meta, "plots": plots(out, t, st) + more_plots(out, records, st, clusters)}
     md = markdown(t, st, {**meta, "records": records}, clusters)
     cells = [{k: r.get(k) for k in ("model", "variant", "seed", "key", "label", "overrides", "cluster_version",
-                                    "metrics", "cost", "train", "how", "run_dir")} for r in records]
+                                    "cluster_params", "metrics", "cost", "train", "curve", "how", "run_dir")}
+             for r in records]
     write_json(out / "results.json", {"meta": meta, "cells": cells, "tables": t, "clusters": clusters})
     write_json(out / "metrics.json", flat_metrics(t, st))
     with atomic_path(out / "results.md") as tmp:

@@ -169,7 +169,8 @@ def test_results_complete(bench):
     assert len(grp_rows) == 8 + 4 and "n/a" not in " ".join(grp_rows)
     assert [r.split("|")[1].strip() for r in div_rows] == ["twinv2", "twin"] and "n/a" not in " ".join(div_rows)
     assert len(cost_rows) == 2 + 2 and "n/a" not in " ".join(cost_rows)          # 2 models + 2 cluster versions
-    for png in ("main.png", "ablations.png", "groups.png"):
+    assert all(c["curve"] and c["curve"][0]["valid_gauc"] is not None for c in res["cells"])
+    for png in ("main.png", "ablations.png", "groups.png", "curves.png", "gamma.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
 
 
