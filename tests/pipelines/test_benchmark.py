@@ -384,3 +384,23 @@ def test_dvc_benchmark_repro_and_experiment(tmp_path, params):
     assert "lr02" in found and len(found) >= 2, found
     diff = _sh(["dvc", "metrics", "diff", "HEAD", "lr02", "--json"], clone)
     assert "twin.auc" in diff
+
+
+def test_embedding_variant_gets_its_own_cluster_version(bench, params):
+    """A variant `cluster.embeddings: <trained run>` (clusters on a trained model's item table instead of the
+    co-occurrence bootstrap) is clustered with that embedding into a version of its own; CURRENT stays."""
+    from twinv2.clustering import store
+
+    data = bench["data"]
+    run = bench["out"] / "cells" / "twin" / "default" / "seed0" / "run"
+    p = small(params)
+    p["benchmark"]["variants"]["trained_emb"] = {"cluster.embeddings": str(run)}
+    cells = benchmark.prepare(data, p, benchmark.plan(p, models="twinv2", seeds=1, variants="trained_emb"))
+    by = {c["variant"]: c for c in cells}
+    assert by["default"]["cluster_version"] == bench["current"]
+    v = by["trained_emb"]["cluster_version"]
+    assert v != bench["current"] and store.current_version(data) == bench["current"]
+    manifest = json.loads((data / "clusters" / v / "manifest.json").read_text())
+    assert manifest["embedding"]["source"] != "bootstrap" and str(run) in manifest["embedding"]["source"]
+    assert by["trained_emb"]["params"]["train"]["cluster_version"] == v
+    assert by["trained_emb"]["key"] != by["default"]["key"]
