@@ -351,8 +351,9 @@ def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
         eval_s = time.perf_counter() - t0
     n_train = trained.get("n_train")
     sps = trained.get("samples_per_s")
-    if sps is None and n_train and trained.get("epochs_run") and train_s:
-        sps = n_train * trained["epochs_run"] / train_s
+    if sps is None and n_train and train_s:          # gbdt: one pass over the training samples
+        epochs = 1 if cell["model"] == "gbdt" else trained.get("epochs_run")
+        sps = n_train * epochs / train_s if epochs else None
     record = {
         "model": cell["model"], "variant": cell["variant"], "seed": int(cell["seed"]), "key": cell["key"],
         "label": label(cell), "overrides": cell["overrides"], "cluster_version": cell.get("cluster_version"),
@@ -538,6 +539,8 @@ def markdown(t: dict, st: dict, meta: dict, clusters: list[dict]) -> str:
         dd = [("reference" if r["variant"] == default else _pd(r[k])) for k in ("d_auc", "d_gauc")]
         L.append(f"| {r['model']} | {r['variant']} | {ov} | {r['n']} | {_m(r['auc'])} | {_m(r['gauc'])} | "
                  f"{_m(r['logloss'])} | {_m(r['oracle_gap'])} | {dd[0]} | {dd[1]} |")
+    if not t["ablation"]:
+        L.append(f"| n/a | no cell of {', '.join(st['ablation_models'])} ran | | | | | | | | |")
     L += ["", "## 3. User groups: life-cycle length quantile groups (behaviours before the history end)", "",
           "| model | group | lengths | AUC | GAUC |", "|---|---|---|---|---|"]
     for r in t["groups"]:
@@ -558,7 +561,7 @@ def markdown(t: dict, st: dict, meta: dict, clusters: list[dict]) -> str:
         L.append(f"| {r['model']} | {_m(r['retrieval.distinct_categories'], 2)} | {_m(r['retrieval.entropy'], 3)} | "
                  f"{_m(r['ranking.coverage'], 3)} | {_m(r['ranking.ild'], 3)} |")
     L += ["", "## 5. Cost", "",
-          "| model | train s | training samples/s | evaluate s | peak RSS MB | epochs run |", "|---|---|---|---|---|---|"]
+          "| model | train s | training samples/s | evaluate s | peak RSS MB | epochs run (gbdt: trees) |", "|---|---|---|---|---|---|"]
     for r in t["cost"]:
         L.append(f"| {r['model']} | {_m(r['train_s'], 1)} | {_m(r['samples_per_s'], 0)} | {_m(r['evaluate_s'], 1)} | "
                  f"{_m(r['peak_rss_mb'], 0)} | {_m(r['epochs_run'], 1)} |")
