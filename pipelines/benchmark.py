@@ -727,6 +727,30 @@ def report(out: str | Path, records: list[dict], st: dict, meta: dict, clusters:
     return {"tables": t, "markdown": md, "plots": meta["plots"]}
 
 
+BEGIN, END = "<!-- twinv2 benchmark: begin (generated, do not edit) -->", "<!-- twinv2 benchmark: end -->"
+
+
+def publish(results_md: str | Path, doc: str | Path) -> Path:
+    """Put OUT/results.md into a document between the BEGIN/END markers (replacing what was there; appended
+    with the markers when absent), so that the document's tables are the generated report, never hand-copied.
+    The report's headings are demoted one level; links to plots/ point at the benchmark directory."""
+    results_md, doc = Path(results_md), Path(doc)
+    body = results_md.read_text()
+    rel = os.path.relpath(results_md.parent.resolve(), doc.parent.resolve())
+    body = "\n".join(("#" + line) if line.startswith("#") else line for line in body.splitlines())
+    body = body.replace("](plots/", f"]({rel}/plots/")
+    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    text = doc.read_text() if doc.exists() else ""
+    if BEGIN in text and END in text.split(BEGIN, 1)[1]:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    with atomic_path(doc) as tmp:
+        Path(tmp).write_text(text)
+    return doc
+
+
 # ------------------------------------------------------------------------------------------ the whole
 def bench_id(out: str | Path) -> str:
     p = Path(out).resolve()
@@ -734,7 +758,7 @@ def bench_id(out: str | Path) -> str:
 
 
 def run(data: str | Path, out: str | Path, params: dict | None = None, models=None, seeds=None, variants=None,
-        command: str | None = None, only: Iterable[str] | None = None) -> dict:
+        command: str | None = None, only: Iterable[str] | None = None, publish_to: str | Path | None = None) -> dict:
     """Every cell of the plan, then the report; `only` (MODEL/VARIANT/SEED names): just those cells, no
     report (what the DVC cell stages run; the report stage runs the whole plan, computing nothing new)."""
     params = params or load_params()
@@ -768,6 +792,8 @@ def run(data: str | Path, out: str | Path, params: dict | None = None, models=No
                       computed=computed, skipped=len(records) - computed)
     rep = report(out, [read_json(cell_dir(out, c) / "cell.json") for c in cells], st, meta,
                  clusters_of(data, cells))
+    if publish_to:
+        publish(out / "results.md", publish_to)
     if track is not None:
         c = tracking.client()
         tracking.log_paths(c, track[1], [out / "results.json", out / "results.md", out / "plots"], "benchmark")

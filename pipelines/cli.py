@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cell", action="append", default=None, metavar="MODEL/VARIANT/SEED",
                    help="run only this cell of the plan, e.g. twinv2/gamma5/0, and write no report (repeatable; "
                         "what the DVC cell stages run; default: every cell, then the report)")
+    b.add_argument("--publish", default=None, metavar="DOC",
+                   help="also put results.md into DOC (e.g. docs/results.md) between its generated-report markers, "
+                        "replacing the previous report (default: off)")
     for s in (g, i, v, c, t, e, r, b):
         _common(s, sub=True)
     return p
@@ -275,7 +278,7 @@ def _dispatch(args: argparse.Namespace, params: dict) -> Any:
         from pipelines import benchmark
         return benchmark.run(data=args.data, out=args.out, params=params, models=args.models, seeds=args.seeds,
                              variants=args.variants, command="twinv2 " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
-                             only=args.cell)
+                             only=args.cell, publish_to=args.publish)
     if args.cmd == "register":
         from pipelines import register
         return register.run(run=args.run, data=args.data, params=params)

@@ -404,3 +404,23 @@ def test_embedding_variant_gets_its_own_cluster_version(bench, params):
     assert manifest["embedding"]["source"] != "bootstrap" and str(run) in manifest["embedding"]["source"]
     assert by["trained_emb"]["params"]["train"]["cluster_version"] == v
     assert by["trained_emb"]["key"] != by["default"]["key"]
+
+
+def test_publish_replaces_the_generated_block(tmp_path):
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "results.md").write_text("# Benchmark results\n\nrun A\n\n## 1. Main\n\nPlots: [main.png](plots/main.png)\n")
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nhand-written text\n")
+    benchmark.publish(out / "results.md", doc)
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nhand-written text\n\n" + benchmark.BEGIN)
+    assert "## Benchmark results" in text and "### 1. Main" in text and "run A" in text
+    assert "](../bench/plots/main.png)" in text and text.rstrip().endswith(benchmark.END)
+    (out / "results.md").write_text("# Benchmark results\n\nrun B\n")
+    doc.write_text(doc.read_text() + "\nafter the block\n")
+    benchmark.publish(out / "results.md", doc)
+    text = doc.read_text()
+    assert "run B" in text and "run A" not in text and text.count(benchmark.BEGIN) == 1
+    assert "hand-written text" in text and text.rstrip().endswith("after the block")
