@@ -361,7 +361,8 @@ def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
                     "diversity": metrics.get("diversity"), "n_test": metrics.get("n_test")},
         "train": {k: trained.get(k) for k in ("best_epoch", "epochs_run", "best_valid_gauc", "resumed_from_epoch",
                                               "n_train")},
-        "cost": {"train_s": train_s, "samples_per_s": sps, "evaluate_s": eval_s, "peak_rss_mb": rss.mb},
+        "cost": {"train_s": train_s, "samples_per_s": sps, "evaluate_s": eval_s, "peak_rss_mb": rss.mb,
+                 "gsu_positions": gsu_positions(run)},
         "curve": [{k: h.get(k) for k in ("epoch", "train_loss", "valid_auc", "valid_gauc")}
                   for h in trained.get("history") or [] if isinstance(h, dict)],
         "cluster_params": {k: params.get("cluster", {}).get(k) for k in ("gamma", "exponent", "group_edges")},
@@ -369,6 +370,18 @@ def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
     }
     write_json(d / "cell.json", record)                  # atomic, last: the done marker
     return record
+
+
+def gsu_positions(run: Path) -> int | None:
+    """Positions of the long sequence the GSU scores per candidate (at most): model.long_len of the run's
+    config (raw behaviours, or clusters for TWIN-V2); None for a model without a long part."""
+    try:
+        cfg = read_json(run / "config.json")
+    except (OSError, ValueError):
+        return None
+    if cfg.get("long_source") in (None, "none"):
+        return None
+    return cfg.get("long_len")
 
 
 def run_cell(data: str | Path, out: str | Path, cell: dict, track: tuple[dict, str] | None = None) -> dict:
@@ -504,7 +517,8 @@ def tables(records: list[dict], st: dict, models: list[str], variants: list[str]
         t["diversity"].append({"model": m, **{f"{a}.{b}": v for (a, b), v in vals.items()}})
         t["cost"].append({"model": m, **{k: mean_std(list(_by(records, m, default,
                                                               lambda r, k=k: r["cost"].get(k)).values()))
-                                         for k in ("train_s", "samples_per_s", "evaluate_s", "peak_rss_mb")},
+                                         for k in ("train_s", "samples_per_s", "evaluate_s", "peak_rss_mb",
+                                                   "gsu_positions")},
                           "epochs_run": mean_std(list(_by(records, m, default,
                                                           lambda r: r["train"].get("epochs_run")).values()))})
     return t
@@ -561,9 +575,11 @@ def markdown(t: dict, st: dict, meta: dict, clusters: list[dict]) -> str:
         L.append(f"| {r['model']} | {_m(r['retrieval.distinct_categories'], 2)} | {_m(r['retrieval.entropy'], 3)} | "
                  f"{_m(r['ranking.coverage'], 3)} | {_m(r['ranking.ild'], 3)} |")
     L += ["", "## 5. Cost", "",
-          "| model | train s | training samples/s | evaluate s | peak RSS MB | epochs run (gbdt: trees) |", "|---|---|---|---|---|---|"]
+          "| model | GSU positions / candidate (max) | train s | training samples/s | evaluate s | peak RSS MB | "
+          "epochs run (gbdt: trees) |", "|---|---|---|---|---|---|---|"]
     for r in t["cost"]:
-        L.append(f"| {r['model']} | {_m(r['train_s'], 1)} | {_m(r['samples_per_s'], 0)} | {_m(r['evaluate_s'], 1)} | "
+        gsu = "none" if r["gsu_positions"][0] is None else f"{r['gsu_positions'][0]:.0f}"
+        L.append(f"| {r['model']} | {gsu} | {_m(r['train_s'], 1)} | {_m(r['samples_per_s'], 0)} | {_m(r['evaluate_s'], 1)} | "
                  f"{_m(r['peak_rss_mb'], 0)} | {_m(r['epochs_run'], 1)} |")
     L += ["", "Cluster versions (offline clustering; seconds as measured when the version was built):", "",
           "| variants | version | behaviours | clusters | compression | clustering s per 10^6 behaviours |",

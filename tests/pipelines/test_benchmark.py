@@ -129,6 +129,7 @@ def test_results_complete(bench):
         assert m["diversity"]["ranking"]["coverage"] is not None
         assert c["cost"]["train_s"] > 0 and c["cost"]["samples_per_s"] > 0 and c["cost"]["evaluate_s"] > 0
         assert c["cost"]["peak_rss_mb"] > 50
+        assert c["cost"]["gsu_positions"] == SMALL_MODEL["twin_window"]     # TWIN's window = TWIN-V2's max clusters
         # each cell ran with its own seed and the cluster version of its variant, pinned
         cfg = json.loads((Path(c["run_dir"]) / "config.json").read_text())
         assert cfg["params"]["train"]["seed"] == c["seed"] == 0
