@@ -60,6 +60,33 @@ def _warm_start(model: torch.nn.Module, path: str | Path) -> dict:
     return {"warm_start": str(p), "loaded": len(ok), "of": len(own)}
 
 
+def init_item_embeddings(model: torch.nn.Module, world) -> dict:
+    """Start the item-id table from the item embedding of the cluster version (docs/models.md, item_init):
+    rows of the vocabulary's items, rescaled so the table keeps its init std; padding stays 0."""
+    emb = world.item_embedding()
+    if emb is None:        # recorded in config.json (warm_start), not silent
+        return {"item_init": "random", "reason": f"{world.data}/clusters has no version with embeddings.npz"}
+    table = model.features.item.weight                                         # (N + 2, d)
+    d = table.shape[1]
+    vecs = torch.from_numpy(emb.lookup(world.vocab.item_ids))                  # (N, d_c), unit rows
+    vecs = vecs[:, :d]              # d < d_c: the leading components (the bootstrap is an SVD, ordered)
+    std = float(table[1:].std())
+    n = len(world.vocab.item_ids)
+    with torch.no_grad():
+        table[1:n + 1, :vecs.shape[1]] = vecs * (std / float(vecs.std()))   # d > d_c: the rest stays random
+    return {"item_init": "cooc", "embedding_version": emb.version, "rows": n, "dims": int(vecs.shape[1])}
+
+
+def freeze_tables(model: torch.nn.Module, tables) -> None:
+    """Keep the named item-inherent id tables (model.frozen_tables) at their initial values."""
+    from twinv2.models.layers import INHERENT
+
+    for table in tables:
+        if table not in INHERENT:
+            raise ValueError(f"model.frozen_tables: {table!r} is not an id table; expected some of {list(INHERENT)}")
+        getattr(model.features, table).weight.requires_grad_(False)
+
+
 def run(data: str | Path, model: str, out: str | Path, params: dict | None = None, resume: bool = False,
         warm_start: str | Path | None = None) -> dict:
     params = params or load_params()
@@ -93,6 +120,9 @@ def _run(data, name, out: Path, params, tp, cfg: TrainConfig, info, resume, warm
                        features=tp.get("features"))
     model = build(name, world.vocab, params)
     warm = _warm_start(model, warm_start) if warm_start else None
+    if warm is None and params.get("model", {}).get("item_init", "random") == "cooc":
+        warm = init_item_embeddings(model, world)
+    freeze_tables(model, params.get("model", {}).get("frozen_tables") or ())
     torch.manual_seed(cfg.seed)
     model = model.to(info.device)
     tr, va = world.samples("train"), world.samples("valid")

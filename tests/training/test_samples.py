@@ -169,3 +169,37 @@ def test_vocab_roundtrip(tmp_path):
     assert v.item_index(np.array([160, 100]))[0] == len(v.item_ids) + 1
     with pytest.raises(ValueError, match="lacks columns"):
         Vocab.build(items.drop(columns="category"))
+
+
+@pytest.mark.parametrize("long_len", [3, 8, None])
+def test_watermark_gap_rows_follow_the_clusters_and_never_reach_ts(tmp_path, long_len):
+    """watermark_gap: long = the user's clusters (behaviours < W), then the raw behaviours in [W, ts) as
+    clusters of size 1, the last long_len of the two together; never a behaviour at or after ts."""
+    items, beh, hist, imp = small_store(tmp_path, seed=2, max_len=60)
+    W = 50 * DAY
+    cl = clusters_for(beh, W, items)
+    vocab = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
+    cf = cluster_features(cl, vocab)
+    imp = imp[imp.ts >= W].reset_index(drop=True)
+    s = make_samples(imp, hist, vocab, cf, watermark=W)
+    raw = raw_features(hist, vocab)
+    ds = SampleSet(s, raw, vocab, "clusters", long_len=long_len, short_len=4, clusters=cf, watermark=W,
+                   watermark_gap=True)
+    b = ds[list(range(len(imp)))]
+    assert len(imp) > 5
+    for i, r in enumerate(imp.itertuples()):
+        mine = cl[cl.user_id == r.user_id].sort_values("ts", kind="stable")
+        gap = beh[(beh.user_id == r.user_id) & (beh.ts >= W) & (beh.ts < r.ts)]
+        want_item = np.concatenate([vocab.item_index(mine.item_id.to_numpy()), vocab.item_index(gap.item_id.to_numpy())])
+        want_n = np.concatenate([np.log(mine["size"].to_numpy()), np.zeros(len(gap))])
+        if long_len is not None:
+            want_item, want_n = want_item[-long_len:], want_n[-long_len:]
+        m = b["long"]["mask"][i].numpy()
+        assert m.sum() == len(want_item) and m[:m.sum()].all()               # left-aligned
+        np.testing.assert_array_equal(b["long"]["item"][i].numpy()[m], want_item)
+        np.testing.assert_allclose(b["long"]["log_n"][i].numpy()[m], want_n, rtol=1e-6)
+        assert (b["long"]["item"][i].numpy()[~m] == 0).all()
+    # without the flag the same samples read the clusters only
+    plain = SampleSet(s, raw, vocab, "clusters", long_len=long_len, short_len=4, clusters=cf, watermark=W)[
+        list(range(len(imp)))]
+    assert int(plain["long"]["mask"].sum()) < int(b["long"]["mask"].sum())

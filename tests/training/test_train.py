@@ -129,10 +129,6 @@ def test_errors_name_what_is_missing(tiny_validated_ro, small_params, tmp_path):
         train.run(tiny_validated_ro, "twin", tmp_path / "fresh", params=small_params, resume=True)
 
 
-@pytest.mark.xfail(strict=False, reason="not shown on the tiny pipeline world: TWIN-V2 and TWIN reach the same AUC "
-                   "there (docs/results.md); the attention models learn 'target category in the history' slowly "
-                   "(bench/bench_learn_presence.py) and this world has ~4k training impressions. Shown at model "
-                   "level by tests/models/test_dormant.py. Kept as a real check that reports XPASS once it wins")
 def test_twinv2_beats_twin_when_dormant_interests_matter(dormant_ro, small_params, tmp_path):
     p = small_params
     p["train"]["epochs"] = 3

@@ -28,16 +28,20 @@ from twinv2.models.layers import INHERENT, Features, is_broadcast, masked_softma
 
 class TwinAttention(nn.Module):
     def __init__(self, d_h: int, n_cross: int, cross_dim: int, n_heads: int, head_dim: int,
-                 use_log_n: bool = False):
+                 use_log_n: bool = False, mass: bool = False, match_fields: tuple[str, ...] = ()):
         super().__init__()
         self.d_h, self.J, self.c, self.H, self.dk = d_h, n_cross, cross_dim, n_heads, head_dim
         self.use_log_n = use_log_n
+        self.mass = mass
+        self.match_fields = tuple(match_fields)
+        if self.match_fields:                                                          # target-match cross terms
+            self.beta_m = nn.Parameter(torch.zeros(n_heads, len(self.match_fields)))
         self.w_h = nn.Linear(d_h, n_heads * head_dim, bias=False)                     # W^h
         self.w_q = nn.Linear(d_h, n_heads * head_dim, bias=False)                     # W^q
         self.w_c = nn.Parameter(torch.randn(n_cross, cross_dim) / math.sqrt(cross_dim))  # W^c (block-diag)
         self.beta = nn.Parameter(0.1 * torch.randn(n_heads, n_cross))                  # beta per head
         self.w_v = nn.Linear(d_h + n_cross * cross_dim, n_heads * head_dim, bias=False)  # W^v on [K_h, K_c]
-        self.out_dim = n_heads * head_dim
+        self.out_dim = n_heads * head_dim + (n_heads if mass else 0)
         self._cache: dict | None = None
 
     # ------------------------------------------------------------------ cache
@@ -106,32 +110,46 @@ class TwinAttention(nn.Module):
         """Target K_h (B, d_h) -> q W^q (B, H, dk)."""
         return self.w_q(q_kh).view(-1, self.H, self.dk)
 
-    def scores(self, qp, kp, cs, log_n) -> torch.Tensor:
-        """alpha' (B, L, H) in float32 (padding not masked here)."""
+    def target_match(self, seq: dict, target: dict | None) -> torch.Tensor | None:
+        """Behaviour-target match indicators (B, L, F), 1.0 where the behaviour's id of field f equals the
+        target's (F = len(match_fields)); None without match fields. Padding rows are 0."""
+        if not self.match_fields:
+            return None
+        if target is None:
+            raise ValueError(f"this attention scores target matches on {list(self.match_fields)}: pass target=")
+        m = [(seq[f] == target[f].unsqueeze(1)) & seq["mask"] for f in self.match_fields]
+        return torch.stack(m, dim=-1).float()
+
+    def scores(self, qp, kp, cs, log_n, match=None) -> torch.Tensor:
+        """alpha' (B, L, H) in float32 (padding not masked here); `match` (B, L, F) adds
+        sum_f [id_if == id_qf] beta_m[h, f] (target_match)."""
         if kp.shape[0] > 1 and kp.stride(0) == 0:             # one sequence broadcast over candidates
             a = torch.einsum("lhd,bhd->blh", kp[0], qp).float() / math.sqrt(self.dk)
             a = a + torch.einsum("lj,hj->lh", cs[0].float(), self.beta.float()).unsqueeze(0)
         else:
             a = torch.einsum("blhd,bhd->blh", kp, qp).float() / math.sqrt(self.dk)
             a = a + torch.einsum("blj,hj->blh", cs.float(), self.beta.float())
+        if match is not None:
+            a = a + torch.einsum("blf,hf->blh", match, self.beta_m.float())
         if self.use_log_n:
             a = a + log_n.float().unsqueeze(-1)
         return a
 
     # ------------------------------------------------------------------ GSU / ESU
     @torch.no_grad()
-    def gsu(self, q_kh: torch.Tensor, seq: dict, features: Features, k: int):
+    def gsu(self, q_kh: torch.Tensor, seq: dict, features: Features, k: int, target: dict | None = None):
         """Top-k positions by the head-mean of alpha' -> idx (B, k') int64, valid (B, k') bool, k' = min(k, L).
         Padding scores -inf, so it is retrieved only when a row has fewer than k real behaviours."""
         kp, cs, _ = self.project(seq, features, values=False)
-        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"]).mean(-1)       # (B, L)
+        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"], self.target_match(seq, target)).mean(-1)  # (B, L)
         a = a.masked_fill(~seq["mask"], float("-inf"))
         k = min(k, a.shape[1])
         idx = torch.topk(a, k, dim=1).indices                                  # (B, k)
         return idx, torch.gather(seq["mask"], 1, idx)
 
     @torch.no_grad()
-    def gsu_esu_shared(self, q_kh: torch.Tensor, seq: dict, features: Features, k: int) -> torch.Tensor:
+    def gsu_esu_shared(self, q_kh: torch.Tensor, seq: dict, features: Features, k: int,
+                       target: dict | None = None) -> torch.Tensor:
         """GSU then ESU for ONE user's sequence broadcast over B candidates (serving, no gradient) -> (B, H*dk).
 
         The L rows are projected once (keys, cross scalars and values), alpha' (B, L, H) is computed once;
@@ -139,20 +157,34 @@ class TwinAttention(nn.Module):
         instead of re-projecting B*k gathered behaviours. Same result as gsu() + gather_seq() + attend()
         (tests/models check it), which re-projects because in training the ESU must carry gradients."""
         kp, cs, v = self.project(seq, features)                                # (B, L, H, dk) stride-0 views
-        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"])                # (B, L, H)
+        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"], self.target_match(seq, target))  # (B, L, H)
         g = a.mean(-1).masked_fill(~seq["mask"], float("-inf"))                # (B, L)
         idx = torch.topk(g, min(k, g.shape[1]), dim=1).indices                 # (B, k)
         a_top = torch.gather(a, 1, idx.unsqueeze(-1).expand(-1, -1, a.shape[2]))   # (B, k, H)
         m_top = seq["mask"][0][idx]                                            # (B, k)
         v_top = v[0][idx]                                                      # (B, k, H, dk)
-        w = masked_softmax(a_top, m_top.unsqueeze(-1), dim=1)                  # (B, k, H)
-        out = torch.einsum("bkh,bkhd->bhd", w.to(v_top.dtype), v_top)          # (B, H, dk)
-        return out.reshape(out.shape[0], self.out_dim)
+        return self.pool(a_top, m_top, v_top)
 
-    def attend(self, q_kh: torch.Tensor, seq: dict, features: Features) -> torch.Tensor:
-        """ESU: multi-head target attention over the whole (already selected) sequence -> (B, H*dk)."""
+    def attend(self, q_kh: torch.Tensor, seq: dict, features: Features, target: dict | None = None) -> torch.Tensor:
+        """ESU: multi-head target attention over the whole (already selected) sequence -> (B, out_dim)."""
         kp, cs, v = self.project(seq, features)
-        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"])                # (B, L, H)
-        w = masked_softmax(a, seq["mask"].unsqueeze(-1), dim=1)                # (B, L, H)
+        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"], self.target_match(seq, target))  # (B, L, H)
+        return self.pool(a, seq["mask"], v)
+
+    def pool(self, a: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """alpha' (B, L, H), mask (B, L), values (B, L, H, dk) -> softmax-weighted values, heads concatenated
+        (B, H*dk), then with `mass` the match mass of each head (B, H):
+
+            mass_h = softplus(logsumexp_i alpha'_ih)   (0 for an empty sequence)
+
+        The softmax output is a weighted MEAN: it says what the matching behaviours look like, not how many
+        there are. logsumexp_i(alpha_i + ln n_i) = ln sum_i n_i exp(alpha_i) is a soft count of the
+        behaviours that match the target (each cluster counted n times), the quantity the softmax divides
+        out; softplus keeps it >= 0 and smooth, and an all-padding row gives exactly 0."""
+        w = masked_softmax(a, mask.unsqueeze(-1), dim=1)                       # (B, L, H)
         out = torch.einsum("blh,blhd->bhd", w.to(v.dtype), v)                  # (B, H, dk)
-        return out.reshape(out.shape[0], self.out_dim)
+        out = out.reshape(out.shape[0], self.H * self.dk)
+        if not self.mass:
+            return out
+        lse = torch.logsumexp(a.float().masked_fill(~mask.unsqueeze(-1), -1e4), dim=1)   # (B, H)
+        return torch.cat([out, nn.functional.softplus(lse).to(out.dtype)], dim=-1)

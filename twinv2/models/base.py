@@ -26,11 +26,25 @@ class CTRModel(nn.Module):
         self.features = Features(vocab, p["embed_dim"], p["side_dim"], p["cross_dim"],
                                  float(p.get("embed_init_std", 0.1)))
         f = self.features
-        self.short = TwinAttention(f.d_h, f.n_cross, f.cross_dim, p["n_heads"], p["head_dim"])
+        self.short = self.attention(p)
+        # "other features" of the head (TWIN-V2 sec. 3.4): the target's popularity bucket (views before ts)
+        self.pop = nn.Embedding(int(vocab.get("pop", 22)), p["side_dim"]) if p.get("target_pop") else None
+        self.count_fields = tuple(p.get("match_counts") or ())
+        self.watermark_gap = bool(p.get("watermark_gap", False)) and self.long_source == "clusters"
         self.check_inputs = True
 
+    def attention(self, p: dict, use_log_n: bool = False) -> TwinAttention:
+        """A TWIN target-attention module with the model's shared options."""
+        f = self.features
+        return TwinAttention(f.d_h, f.n_cross, f.cross_dim, p["n_heads"], p["head_dim"], use_log_n=use_log_n,
+                             mass=bool(p.get("match_mass", False)),
+                             match_fields=tuple(p.get("target_match") or ()))
+
     def _make_head(self, p: dict, long_dim: int) -> None:
-        self.head = MLP(self.features.d_h + self.short.out_dim + long_dim, list(p["mlp"]))
+        other = self.pop.embedding_dim if self.pop is not None else 0
+        if self.count_fields:
+            other += len(self.parts()) * (4 * len(self.count_fields) + 2)
+        self.head = MLP(self.features.d_h + self.short.out_dim + long_dim + other, list(p["mlp"]))
 
     def parts(self) -> tuple[str, ...]:
         return ("short",) if self.long_source == "none" else ("short", "long")
@@ -44,10 +58,14 @@ class CTRModel(nn.Module):
         if self.check_inputs:
             check_batch(batch, self.vocab, self.parts())
         q = self.features.inherent(batch["target"])                      # (B, d_h)
-        s = self.short.attend(q, batch["short"], self.features)          # (B, H*dk)
+        s = self.short.attend(q, batch["short"], self.features, batch["target"])         # (B, H*dk)
         x = [q, s]
         if self.long_source != "none":
             x.append(self.long_interest(q, batch))               # (B, long_dim)
+        if self.pop is not None:
+            x.append(self.pop(batch["target"]["pop"]))           # (B, side_dim)
+        for part in self.parts() if self.count_fields else ():
+            x.append(match_counts(batch[part], batch["target"], self.count_fields))   # (B, 2F+1)
         return self.head(torch.cat([t.to(s.dtype) for t in x], dim=-1))
 
     def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +99,28 @@ class CTRModel(nn.Module):
         return self.features.item.weight.detach().float().cpu().clone()
 
 
+def match_counts(seq: dict, target: dict, fields: tuple[str, ...]) -> torch.Tensor:
+    """How much of a sequence matches the target, parameter-free (docs/models.md, match_counts). Over the rows
+    the model reads, n_i = exp(log_n) (cluster size for TWIN-V2's clusters, 1 for a raw behaviour, 0 for
+    padding), c_i = completion (seq["comp"], 1 where absent), m_if = [id_if == id_qf]:
+
+        N = sum n_i,        C_f = sum n_i m_if          -> ln(1 + C_f), C_f / N     (F each)   ln(1 + N)
+        P = sum n_i c_i,    D_f = sum n_i c_i m_if      -> ln(1 + D_f), D_f / P     (F each)   P / N
+
+    -> (B, 4F + 2). For clusters a row counts with its virtual item's ids and the members' mean completion."""
+    n = seq["log_n"].float().exp() * seq["mask"]                                        # (B, L)
+    c = seq["comp"].float() if "comp" in seq else torch.ones_like(n)
+    m = torch.stack([(seq[f] == target[f].unsqueeze(1)) for f in fields], dim=-1).float()   # (B, L, F)
+    out = []
+    for w in (n, n * c):
+        tot = w.sum(1, keepdim=True)                                                     # (B, 1)
+        cnt = torch.einsum("bl,blf->bf", w, m)                                           # (B, F)
+        out += [torch.log1p(cnt), cnt / tot.clamp_min(1e-6)]
+    N, P = n.sum(1, keepdim=True), (n * c).sum(1, keepdim=True)
+    out += [torch.log1p(N), P / N.clamp_min(1.0)]
+    return torch.cat(out, dim=-1)
+
+
 class TwoStage(CTRModel):
     """SIM / ETA / SDIM-style retrieval: a GSU of the model's own kind picks k positions, then the same
     multi-head target attention ESU as TWIN reads them (without sharing the GSU's parameters).
@@ -93,8 +133,7 @@ class TwoStage(CTRModel):
 
     def __init__(self, vocab: dict, p: dict, long_len: int):
         super().__init__(vocab, p, long_len)
-        f = self.features
-        self.long_attn = TwinAttention(f.d_h, f.n_cross, f.cross_dim, p["n_heads"], p["head_dim"])
+        self.long_attn = self.attention(p)
 
     def gsu_key(self, q_kh: torch.Tensor, batch: dict):
         raise NotImplementedError
@@ -116,7 +155,7 @@ class TwoStage(CTRModel):
         idx, valid = self._select(q_kh, batch)
         top = gather_seq(batch["long"], idx)
         top["mask"] = valid
-        return self.long_attn.attend(q_kh, top, self.features)               # (B, H*dk)
+        return self.long_attn.attend(q_kh, top, self.features, batch["target"])   # (B, H*dk)
 
 
 def stable_topk(key: torch.Tensor, k: int) -> torch.Tensor:

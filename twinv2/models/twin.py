@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from twinv2.models.attention import TwinAttention
 from twinv2.models.base import CTRModel
 from twinv2.models.layers import gather_seq, is_broadcast
 
@@ -20,22 +19,20 @@ class TWIN(CTRModel):
 
     def __init__(self, vocab: dict, p: dict, long_len: int | None = None):
         super().__init__(vocab, p, p["twin_window"] if long_len is None else long_len)
-        f = self.features
-        self.long_attn = TwinAttention(f.d_h, f.n_cross, f.cross_dim, p["n_heads"], p["head_dim"],
-                                       use_log_n=self.use_log_n)
+        self.long_attn = self.attention(p, use_log_n=self.use_log_n)
         self._make_head(p, self.long_attn.out_dim)
 
     def long_interest(self, q_kh: torch.Tensor, batch: dict) -> torch.Tensor:
         long = batch["long"]
         if not torch.is_grad_enabled() and is_broadcast(long):              # one user, many candidates
-            return self.long_attn.gsu_esu_shared(q_kh, long, self.features, self.topk)
-        idx, _ = self.long_attn.gsu(q_kh, long, self.features, self.topk)   # GSU (B, k)
+            return self.long_attn.gsu_esu_shared(q_kh, long, self.features, self.topk, batch["target"])
+        idx, _ = self.long_attn.gsu(q_kh, long, self.features, self.topk, batch["target"])   # GSU (B, k)
         top = gather_seq(long, idx)                                         # (B, k, ...)
-        return self.long_attn.attend(q_kh, top, self.features)             # ESU (B, H*dk)
+        return self.long_attn.attend(q_kh, top, self.features, batch["target"])   # ESU (B, out_dim)
 
     def retrieve(self, batch: dict):
         q = self.features.inherent(batch["target"])
-        return self.long_attn.gsu(q, batch["long"], self.features, self.topk)
+        return self.long_attn.gsu(q, batch["long"], self.features, self.topk, batch["target"])
 
 
 class TWINFull(TWIN):

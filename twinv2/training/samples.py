@@ -33,6 +33,7 @@ DEFAULT_FEATURES = {
     "play_edges_s": [1, 2, 3, 5, 8, 12, 20, 30, 45, 60, 90, 120, 180, 300, 600],
     "gap_log2_max": 30,          # time-gap bucket = floor(log2(1 + gap seconds)), clipped to [0, 30]
     "extra_buckets": 10,         # equal-width buckets over each extra cross column's observed range
+    "pop_log2_max": 20,          # target popularity bucket = floor(log2(1 + views before ts)), clipped to [0, 20]
 }
 
 
@@ -100,7 +101,7 @@ class Vocab:
         cross += [len(self.extra_edges[c]) + 2 for c in self.extra_cols]
         return {"item": len(self.item_ids) + 2, "author": len(self.author_ids) + 2,
                 "category": len(self.categories) + 2, "dur_bucket": len(f["dur_edges_s"]) + 2,
-                "cross": cross}
+                "cross": cross, "pop": int(f.get("pop_log2_max", 20)) + 2}
 
     # ---- lookups
     def item_index(self, ids: np.ndarray) -> np.ndarray:
@@ -193,6 +194,7 @@ class RowFeatures:
     cross: np.ndarray        # (N, J-1) int32: completion, play, extras (no gap)
     ts: np.ndarray           # (N,) float64 ms (cluster ts is a mean)
     log_n: np.ndarray        # (N,) float32
+    comp: np.ndarray | None = None   # (N,) float32 completion play/duration (cluster: the members' mean)
 
     def index_of(self, user_ids: np.ndarray) -> np.ndarray:
         u = np.asarray(user_ids, dtype=np.int64)
@@ -203,6 +205,31 @@ class RowFeatures:
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def positions_before(self, t: int) -> np.ndarray:
+        """(U,) number of rows of each user with ts < t (rows are in time order within a user)."""
+        before = (self.ts < t).astype(np.int64)
+        c = np.concatenate([[0], np.cumsum(before)])
+        return c[self.offsets[1:]] - c[self.offsets[:-1]]
+
+    def item_counts_before(self, item: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Number of rows (over all users) of item index item[i] with ts strictly before ts[i] -> (M,) int64.
+
+        One sorted key per store, built on first use: key = item * R + rank(ts) over the R distinct row
+        times, so a query is two binary searches (rows of the item, and of those the ones before ts)."""
+        if getattr(self, "_count_key", None) is None:
+            uts = np.unique(self.ts)
+            self._count_uts = uts
+            self._count_key = np.sort(self.item.astype(np.int64) * (len(uts) + 1) + np.searchsorted(uts, self.ts))
+        uts, key = self._count_uts, self._count_key
+        base = np.asarray(item, np.int64) * (len(uts) + 1)
+        before = np.searchsorted(uts, np.asarray(ts, np.float64), side="left")    # distinct times < ts
+        return np.searchsorted(key, base + before, side="left") - np.searchsorted(key, base, side="left")
+
+
+def completion(play_ms: np.ndarray, duration_ms: np.ndarray) -> np.ndarray:
+    """play / duration as float32 (a duration below 1 ms counts as 1 ms)."""
+    return (np.asarray(play_ms, np.float64) / np.maximum(np.asarray(duration_ms, np.float64), 1.0)).astype(np.float32)
 
 
 def raw_features(hist: UserHistories, vocab: Vocab) -> RowFeatures:
@@ -215,7 +242,8 @@ def raw_features(hist: UserHistories, vocab: Vocab) -> RowFeatures:
         author=vocab.item_author[item], category=vocab.item_category[item],
         dur_bucket=vocab.dur_bucket(c["duration_ms"]),
         cross=vocab.static_cross(c["play_ms"], c["duration_ms"], extras),
-        ts=np.asarray(c["ts"], np.float64), log_n=np.zeros(len(item), np.float32))
+        ts=np.asarray(c["ts"], np.float64), log_n=np.zeros(len(item), np.float32),
+        comp=completion(c["play_ms"], c["duration_ms"]))
 
 
 def cluster_features(clusters: pd.DataFrame, vocab: Vocab) -> RowFeatures:
@@ -243,7 +271,9 @@ def cluster_features(clusters: pd.DataFrame, vocab: Vocab) -> RowFeatures:
         dur_bucket=vocab.dur_bucket(df["duration_ms"].to_numpy(np.float64)),
         cross=vocab.static_cross(df["play_ms"].to_numpy(np.float64), df["duration_ms"].to_numpy(np.float64), extras,
                                  df["completion"].to_numpy(np.float64) if "completion" in df.columns else None),
-        ts=df["ts"].to_numpy(np.float64), log_n=np.log(size).astype(np.float32))
+        ts=df["ts"].to_numpy(np.float64), log_n=np.log(size).astype(np.float32),
+        comp=(df["completion"].to_numpy(np.float32) if "completion" in df.columns else
+              completion(df["play_ms"].to_numpy(np.float64), df["duration_ms"].to_numpy(np.float64))))
 
 
 # ---------------------------------------------------------------- samples
@@ -314,7 +344,7 @@ def _gather(rows: RowFeatures, lo: np.ndarray, hi: np.ndarray, width: int | None
     gap = vocab.gap_bucket(target_ts[:, None] - (rows.ts[safe] if len(rows.item) else 0.0))   # (B, W)
     cross = np.concatenate([static[..., :2], gap[..., None], static[..., 2:]], axis=-1)       # (B, W, J)
     cross = np.where(mask[..., None], cross, 0)
-    return {
+    out = {
         "item": torch.from_numpy(take(rows.item).astype(np.int64)),
         "author": torch.from_numpy(take(rows.author).astype(np.int64)),
         "category": torch.from_numpy(take(rows.category).astype(np.int64)),
@@ -324,6 +354,36 @@ def _gather(rows: RowFeatures, lo: np.ndarray, hi: np.ndarray, width: int | None
         "log_n": torch.from_numpy(np.where(mask, rows.log_n[safe], 0).astype(np.float32)
                                   if len(rows.item) else np.zeros(idx.shape, np.float32)),
     }
+    if rows.comp is not None:
+        out["comp"] = torch.from_numpy(np.where(mask, rows.comp[safe], 0).astype(np.float32)
+                                       if len(rows.item) else np.zeros(idx.shape, np.float32))
+    return out
+
+
+def _concat(first: dict, second: dict, width: int | None) -> dict:
+    """Two left-aligned padded blocks of the same samples -> one left-aligned block: the rows of `first`, then
+    those of `second`, keeping the last `width` real rows of the two together (None: all)."""
+    n1, n2 = first["mask"].sum(1), second["mask"].sum(1)                           # (B,)
+    n = n1 + n2
+    W = int(n.max()) if width is None else int(width)
+    W = max(W, 1)
+    drop = (n - W).clamp_min(0)                                                    # oldest rows beyond the budget
+    j = torch.arange(W).unsqueeze(0) + drop.unsqueeze(1)                           # (B, W) position in the merge
+    mask = j < n.unsqueeze(1)
+    in1 = j < n1.unsqueeze(1)
+    j1 = j.clamp(max=first["mask"].shape[1] - 1)
+    j2 = (j - n1.unsqueeze(1)).clamp(0, second["mask"].shape[1] - 1)
+    out = {}
+    for key, a in first.items():
+        b = second[key]
+        idx1 = j1.reshape(j1.shape + (1,) * (a.dim() - 2)).expand(j1.shape + a.shape[2:])
+        idx2 = j2.reshape(j2.shape + (1,) * (b.dim() - 2)).expand(j2.shape + b.shape[2:])
+        m = in1.reshape(in1.shape + (1,) * (a.dim() - 2))
+        keep = mask.reshape(mask.shape + (1,) * (a.dim() - 2))
+        x = torch.where(m, torch.gather(a, 1, idx1), torch.gather(b, 1, idx2))
+        out[key] = torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+    out["mask"] = mask
+    return out
 
 
 def _bounds(rows: RowFeatures, uidx: np.ndarray, pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -343,7 +403,8 @@ class SampleSet(torch.utils.data.Dataset):
     with `batch_size=None` and a batch sampler, see `loader`); nothing is copied per sample."""
 
     def __init__(self, samples: Samples, raw: RowFeatures, vocab: Vocab, long_source: str,
-                 long_len: int | None, short_len: int, clusters: RowFeatures | None = None):
+                 long_len: int | None, short_len: int, clusters: RowFeatures | None = None,
+                 watermark: int | None = None, watermark_gap: bool = False):
         if long_source not in ("raw", "clusters", "none"):
             raise ValueError(f"long_source must be raw, clusters or none, got {long_source!r}")
         if long_source == "clusters" and clusters is None:
@@ -351,6 +412,11 @@ class SampleSet(torch.utils.data.Dataset):
         self.samples, self.raw, self.vocab = samples, raw, vocab
         self.long_source, self.short_len, self.clusters = long_source, int(short_len), clusters
         self.long_len = None if (long_len is None or int(long_len) <= 0) else int(long_len)
+        # watermark_gap: the raw behaviours in [W, ts) follow the clusters in the long sequence as clusters of
+        # size 1 (ln n = 0), so a sample reads its whole life cycle up to ts, not only up to W.
+        self.gap_pos = None
+        if long_source == "clusters" and watermark_gap and watermark is not None:
+            self.gap_pos = raw.positions_before(int(watermark))                   # (U,) rows of u with ts < W
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -366,7 +432,14 @@ class SampleSet(torch.utils.data.Dataset):
             batch["long"] = _gather(self.raw, lo, hi, self.long_len, ts, v)
         elif self.long_source == "clusters":
             clo, chi = _bounds(self.clusters, s.cidx[i], None)
-            batch["long"] = _gather(self.clusters, clo, chi, self.long_len, ts, v)
+            if self.gap_pos is None:
+                batch["long"] = _gather(self.clusters, clo, chi, self.long_len, ts, v)
+            else:
+                glo = np.where(s.uidx[i] >= 0, self.raw.offsets[np.maximum(s.uidx[i], 0)] +
+                               self.gap_pos[np.maximum(s.uidx[i], 0)], 0)
+                glo = np.minimum(glo, hi)                                          # rows in [W, ts)
+                batch["long"] = _concat(_gather(self.clusters, clo, chi, self.long_len, ts, v),
+                                        _gather(self.raw, glo, hi, self.long_len, ts, v), self.long_len)
         else:   # no long part: an all-padding sequence of length 1 keeps the dict shape uniform
             z = np.zeros(len(i), np.int64)
             batch["long"] = _gather(self.raw, z, z, 1, ts, v)
@@ -376,9 +449,12 @@ class SampleSet(torch.utils.data.Dataset):
     def targets(self, i: np.ndarray) -> dict:
         """The target part of a batch: item-inherent feature indices of samples i -> dict of (B,) tensors."""
         v, item = self.vocab, self.samples.item[i]
+        views = self.raw.item_counts_before(item, self.samples.ts[i])                # leakage rule: before ts
+        pop = np.clip(np.floor(np.log2(1.0 + views)), 0, int(v.features.get("pop_log2_max", 20))).astype(np.int64) + 1
         return {"item": torch.from_numpy(item), "author": torch.from_numpy(v.item_author[item]),
                 "category": torch.from_numpy(v.item_category[item]),
-                "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64))}
+                "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64)),
+                "pop": torch.from_numpy(pop)}
 
 
 class BatchOrder(torch.utils.data.Sampler):

@@ -51,7 +51,18 @@ class World:
 
     def dataset(self, samples: Samples, model) -> SampleSet:
         return SampleSet(samples, self.raw, self.vocab, model.long_source, model.long_len, model.short_len,
-                         self.clusters)
+                         self.clusters, self.watermark, bool(getattr(model, "watermark_gap", False)))
+
+    def item_embedding(self):
+        """The item embedding the cluster version was built with (DIR/clusters/<version>/embeddings.npz:
+        the co-occurrence bootstrap of behaviours before its watermark, or a trained model's table), for
+        the version this world reads or, for models without clusters, the CURRENT one; None if none."""
+        from twinv2.clustering.embeddings import load_npz
+        from twinv2.clustering.store import current_version
+
+        version = self.cluster_version or current_version(self.data)
+        path = self.data / "clusters" / str(version) / "embeddings.npz" if version else None
+        return load_npz(path) if path is not None and path.exists() else None
 
     def user_lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """(user ids, life-cycle length = behaviours before the history end) of every user with history."""

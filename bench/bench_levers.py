@@ -1,0 +1,124 @@
+"""Ablation of the life-cycle levers (docs/results.md): train + evaluate cells of (row, model, seed) on a
+validated, clustered dataset and print the test AUC / GAUC table (mean +- std over seeds, paired difference
+against a reference model per seed).
+
+    python -m bench.bench_levers --data D [--rows paper,pop,...] [--models twinv2,twin] [--seeds 0,1,2]
+                                 [--ref twin] [--out bench/results/bench_levers.json]
+
+A row is a named set of `--set`-style overrides applied on top of params.yaml (ROWS below, cumulative in the
+order the levers were tried, so each row measures one lever alone on top of the previous one). A cell is
+exactly `twinv2 --set ... train --data D --model M --out R` then the test AUC/GAUC that `twinv2 evaluate`
+reports (pipelines.train.run + RunScorer.predict_frame on the test split). Cells are written to
+OUT_DIR/<row>/<model>/s<seed>/cell.json and not recomputed when present (delete the folder to rerun).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from twinv2.config import load_params  # noqa: E402
+from twinv2.io import write_json  # noqa: E402
+
+PAPER = {"model.target_pop": False, "model.item_init": "random", "model.frozen_tables": [],
+         "model.match_counts": [], "model.match_mass": False, "model.target_match": []}
+ROWS = {
+    "paper": PAPER,                                                         # the papers' models, nothing added
+    "mass": {**PAPER, "model.match_mass": True},                            # + soft match mass of each ESU head
+    "target_match": {**PAPER, "model.match_mass": True, "model.target_match": ["category", "author", "item"]},
+    "pop": {**PAPER, "model.target_pop": True},                             # + target popularity bucket
+    "pop_cooc": {**PAPER, "model.target_pop": True, "model.item_init": "cooc"},
+    "pop_cooc_counts": {**PAPER, "model.target_pop": True, "model.item_init": "cooc",
+                        "model.match_counts": ["category", "author", "item"]},
+    "pop_cooc_counts_freeze_item": {**PAPER, "model.target_pop": True, "model.item_init": "cooc",
+                                    "model.match_counts": ["category", "author", "item"],
+                                    "model.frozen_tables": ["item"]},
+    "default": {},                                                          # params.yaml as committed
+}
+
+
+def apply(params: dict, overrides: dict) -> dict:
+    p = copy.deepcopy(params)
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        p.setdefault(section, {})[name] = value
+    return p
+
+
+def cell(data: str, row: str, model: str, seed: int, out: Path) -> dict:
+    path = out / row / model / f"s{seed}" / "cell.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from pipelines import train
+    from twinv2.metrics.ctr import auc, gauc
+    from twinv2.training.scoring import RunScorer
+
+    params = apply(load_params(), {**ROWS[row], "train.seed": seed, "train.progress": False})
+    t0 = time.perf_counter()
+    rep = train.run(data, model, path.parent / "run", params)
+    scorer = RunScorer(path.parent / "run", data=data)
+    test = scorer.world.impressions[scorer.world.impressions["split"] == "test"].reset_index(drop=True)
+    pred = scorer.predict_frame(test)
+    res = {"row": row, "model": model, "seed": seed, "overrides": ROWS[row],
+           "auc": auc(pred["label"], pred["prob"]), "gauc": gauc(pred["user"], pred["label"], pred["prob"])["gauc"],
+           "best_epoch": rep.get("best_epoch"), "wall_s": time.perf_counter() - t0}
+    write_json(path, res)
+    return res
+
+
+def table(cells: list[dict], ref: str) -> list[dict]:
+    by = {(c["row"], c["model"], c["seed"]): c for c in cells}
+    out = []
+    for row, model in dict.fromkeys((c["row"], c["model"]) for c in cells):
+        seeds = sorted(s for (r, m, s) in by if r == row and m == model)
+        a = np.array([by[row, model, s]["auc"] for s in seeds])
+        g = np.array([by[row, model, s]["gauc"] for s in seeds])
+        line = {"row": row, "model": model, "seeds": seeds, "auc": a.mean(), "auc_std": a.std(ddof=1) if len(a) > 1 else 0.0,
+                "gauc": g.mean(), "gauc_std": g.std(ddof=1) if len(g) > 1 else 0.0}
+        paired = [s for s in seeds if (row, ref, s) in by]
+        if model != ref and paired:
+            da = np.array([by[row, model, s]["auc"] - by[row, ref, s]["auc"] for s in paired])
+            dg = np.array([by[row, model, s]["gauc"] - by[row, ref, s]["gauc"] for s in paired])
+            line.update(d_auc=da.tolist(), d_gauc=dg.tolist())
+        out.append(line)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--models", default="twinv2,twin")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--ref", default="twin")
+    ap.add_argument("--cells", default=str(ROOT / "bench" / "results" / "levers"), help="cell folder")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_levers.json"))
+    a = ap.parse_args(argv)
+    rows = a.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; expected some of {list(ROWS)}")
+    cells = [cell(a.data, r, m, int(s), Path(a.cells)) for r in rows for m in a.models.split(",")
+             for s in a.seeds.split(",")]
+    lines = table(cells, a.ref)
+    print(f"{'row':<30} {'model':<9} {'AUC':>17} {'GAUC':>17}  paired vs {a.ref} (AUC / GAUC per seed)")
+    for x in lines:
+        d = (" ".join(f"{v:+.4f}" for v in x["d_auc"]) + " / " + " ".join(f"{v:+.4f}" for v in x["d_gauc"])
+             if "d_auc" in x else "")
+        print(f"{x['row']:<30} {x['model']:<9} {x['auc']:.4f} +- {x['auc_std']:.4f} {x['gauc']:.4f} +- "
+              f"{x['gauc_std']:.4f}  {d}")
+    write_json(a.out, {"data": a.data, "cells": cells, "table": lines})
+    print(json.dumps({"table": lines}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

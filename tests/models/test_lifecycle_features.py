@@ -1,0 +1,127 @@
+"""The life-cycle levers of docs/models.md ("What the models read besides attention"): match counts, the target
+popularity bucket, ln n in TWIN-V2's scores, each against a plain reference."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.models.conftest import SMALL, VOCAB, make_batch, pad_to
+from twinv2.models import MODEL_NAMES, build_model
+from twinv2.models.base import match_counts
+from twinv2.training.samples import RowFeatures
+
+FIELDS = ("category", "author", "item")
+LEVERS = {**SMALL, "target_pop": True, "match_counts": list(FIELDS)}
+VOCAB_POP = {**VOCAB, "pop": 7}
+
+
+def _with_pop(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch["target"]["pop"] = torch.randint(1, VOCAB_POP["pop"], batch["target"]["item"].shape, generator=g)
+    for part in ("long", "short"):
+        batch[part]["comp"] = torch.rand(batch[part]["mask"].shape, generator=g) * 2 * batch[part]["mask"]
+    return batch
+
+
+def _naive_counts(seq, target, fields):
+    B, L = seq["mask"].shape
+    F = len(fields)
+    out = torch.zeros(B, 4 * F + 2)
+    for b in range(B):
+        N, P, C, D = 0.0, 0.0, [0.0] * F, [0.0] * F
+        for i in range(L):
+            if not bool(seq["mask"][b, i]):
+                continue
+            n = math.exp(float(seq["log_n"][b, i]))
+            c = float(seq["comp"][b, i]) if "comp" in seq else 1.0
+            N, P = N + n, P + n * c
+            for j, f in enumerate(fields):
+                if int(seq[f][b, i]) == int(target[f][b]):
+                    C[j] += n
+                    D[j] += n * c
+        row = [math.log1p(x) for x in C] + [x / N if N else 0.0 for x in C]
+        row += [math.log1p(x) for x in D] + [x / P if P else 0.0 for x in D]
+        out[b] = torch.tensor(row + [math.log1p(N), P / max(N, 1.0)])
+    return out
+
+
+@pytest.mark.parametrize("clusters,comp", [(False, False), (True, False), (False, True), (True, True)])
+def test_match_counts_equal_a_per_sample_loop(clusters, comp):
+    batch = make_batch(B=6, L=15, long_lens=[15, 0, 3, 9, 1, 14], seed=3, clusters=clusters)
+    if comp:
+        batch["long"]["comp"] = torch.rand(6, 15, generator=torch.Generator().manual_seed(1)) * 2 * batch["long"]["mask"]
+    # plant matches: some long rows take the target's category / author / item
+    for b in range(6):
+        batch["long"]["category"][b, :2] = batch["target"]["category"][b] * batch["long"]["mask"][b, :2]
+        batch["long"]["item"][b, 2:3] = batch["target"]["item"][b] * batch["long"]["mask"][b, 2:3]
+    got = match_counts(batch["long"], batch["target"], FIELDS)
+    ref = _naive_counts(batch["long"], batch["target"], FIELDS)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert got[1].abs().sum() == 0                       # an empty sequence counts nothing
+    assert (got[:, 0] > 0).sum() >= 4                    # the planted category matches are counted
+
+
+@settings(max_examples=25, deadline=None)
+@given(lens=st.lists(st.integers(0, 12), min_size=3, max_size=3), extra=st.integers(1, 6), seed=st.integers(0, 50),
+       name=st.sampled_from(MODEL_NAMES))
+def test_models_with_levers_are_invariant_to_padding(lens, extra, seed, name):
+    torch.manual_seed(seed)
+    model = build_model(name, VOCAB_POP, LEVERS if name != "twin_full" else {**LEVERS, "twin_full_len": 40}).eval()
+    batch = _with_pop(make_batch(B=3, L=12, long_lens=lens, seed=seed, clusters=name == "twinv2"), seed)
+    with torch.no_grad():
+        a = model(batch)
+        b = model(pad_to(batch, "long", 12 + extra))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_levers_change_the_head_input_and_reach_the_logit():
+    torch.manual_seed(0)
+    model = build_model("twinv2", VOCAB_POP, LEVERS).eval()
+    batch = _with_pop(make_batch(B=4, L=12, seed=1, clusters=True))
+    with torch.no_grad():
+        base = model(batch)
+        other = dict(batch, target=dict(batch["target"], pop=batch["target"]["pop"] % 6 + 1))
+        assert not torch.allclose(base, model(other))                    # the popularity bucket is read
+        long = dict(batch["long"], category=batch["long"]["category"].clone())
+        long["category"][:, :4] = batch["target"]["category"].unsqueeze(1) * long["mask"][:, :4]
+        assert not torch.allclose(base, model(dict(batch, long=long)))    # the match counts are read
+
+
+def test_twinv2_adds_ln_n_to_twin_scores():
+    """TWIN-V2's alpha' = TWIN's alpha + ln n with the same weights (turning ln n off fails here)."""
+    torch.manual_seed(0)
+    v2 = build_model("twinv2", VOCAB, SMALL).eval()
+    tw = build_model("twin", VOCAB, SMALL).eval()
+    tw.load_state_dict(v2.state_dict())
+    batch = make_batch(B=3, L=10, seed=2, clusters=True)
+    seq = batch["long"]
+    assert float(seq["log_n"].abs().max()) > 1.0
+    q = v2.features.inherent(batch["target"])
+    outs = []
+    for m in (v2, tw):
+        kp, cs, _ = m.long_attn.project(seq, m.features, values=False)
+        outs.append(m.long_attn.scores(m.long_attn.query(q), kp, cs, seq["log_n"]))
+    torch.testing.assert_close(outs[0] - outs[1], seq["log_n"].unsqueeze(-1).expand_as(outs[0]), rtol=1e-5, atol=1e-5)
+    # and the ln n term changes what the model outputs and retrieves
+    with torch.no_grad():
+        no_n = dict(batch, long=dict(seq, log_n=torch.zeros_like(seq["log_n"])))
+        assert not torch.allclose(v2(batch), v2(no_n))
+
+
+def test_item_counts_before_equal_a_loop_and_never_read_ts_or_later():
+    rng = np.random.default_rng(0)
+    n = 400
+    item = rng.integers(1, 9, n)
+    ts = rng.integers(0, 50, n).astype(np.float64)            # many ties
+    rows = RowFeatures(np.array([1]), np.array([0, n]), item, item, item, item, np.zeros((n, 2), np.int32), ts,
+                       np.zeros(n, np.float32))
+    q_item = rng.integers(0, 10, 300)
+    q_ts = rng.integers(-2, 53, 300)
+    got = rows.item_counts_before(q_item, q_ts)
+    ref = np.array([int(((item == i) & (ts < t)).sum()) for i, t in zip(q_item, q_ts)])
+    np.testing.assert_array_equal(got, ref)
