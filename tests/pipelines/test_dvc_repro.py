@@ -81,7 +81,7 @@ def test_dvc_repro_experiment_show_and_remote(tmp_path):
         curves = (clone / "dvc_metrics" / model / "curves.csv").read_text().splitlines()
         assert curves[0] == "epoch,train_loss,valid_auc,valid_gauc,valid_logloss" and len(curves) == 2
         assert len((clone / "dvc_metrics" / model / "auc_by_group.csv").read_text().splitlines()) >= 2
-    assert "up to date" in _sh([*dvc, "status"], clone).lower()
+    assert "up to date" in _sh([*dvc, "status", "dvc.yaml"], clone).lower()
     # the git-tracked results of the baseline, committed with dvc.lock
     _sh(["git", "add", "dvc.lock", "dvc_metrics"], clone)
     _sh(["git", "commit", "-q", "-m", "baseline"], clone)
@@ -137,4 +137,4 @@ def test_dvc_repro_experiment_show_and_remote(tmp_path):
     _sh([*dvc, "pull"], clone)
     assert _md5s(clone / "data" / "world" / "raw") == before
     assert hashlib.md5((clone / "runs" / "dvc" / "twinv2" / "model.pt").read_bytes()).hexdigest() == model_before
-    assert "up to date" in _sh([*dvc, "status"], clone).lower()
+    assert "up to date" in _sh([*dvc, "status", "dvc.yaml"], clone).lower()
