@@ -250,3 +250,21 @@ def test_gbdt_logs_to_mlflow(planted, params, tmp_path, monkeypatch):
     x = imp[imp.split == "test"][["user_id", "item_id", "ts"]].head(20).reset_index(drop=True)
     np.testing.assert_allclose(model.predict(x)["score"].to_numpy(), RunScorer(out).predict_frame(x)["prob"],
                                rtol=1e-9)
+
+
+def test_fit_accepts_a_feature_column_without_any_value():
+    """A log without durations gives an all-NaN column; the fit must not fail and the stored trees score
+    rows (NaN there or not) exactly as scikit-learn does."""
+    from twinv2.models.gbdt import GBDTModel, fit
+
+    rng = np.random.default_rng(0)
+    F = len(FEATURE_NAMES)
+    X = rng.random((300, F))
+    X[:, 2] = np.nan
+    y = (X[:, 0] + 0.3 * rng.random(300) > 0.6).astype(int)
+    est = fit(X, y, None, None, {"max_iter": 20, "early_stopping": False})
+    m = GBDTModel.from_sklearn(est)
+    Xq = rng.random((50, F))
+    Xq[:, 2] = np.nan
+    np.testing.assert_allclose(m.predict_raw(Xq), est.decision_function(np.where(np.isnan(Xq), 0.0, Xq)), rtol=1e-9)
+    np.testing.assert_allclose(m.predict_raw(Xq), m.predict_raw(np.where(np.isnan(Xq), 0.0, Xq)), rtol=1e-12)

@@ -423,6 +423,12 @@ def fit(X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarra
         max_features=float(gp["max_features"]),
         early_stopping=use_val, n_iter_no_change=int(gp["n_iter_no_change"]), scoring="loss",
         random_state=int(seed))
+    # scikit-learn's binning fails on a column without a single finite value (e.g. durations a log lacks):
+    # such a column is constant for the trees (never split on), so give it the constant 0 instead of NaN
+    empty = ~np.isfinite(X).any(axis=0) if len(X) else np.zeros(X.shape[1], bool)
+    if empty.any():
+        X = np.where(empty, 0.0, X)
+        X_val = None if X_val is None else np.where(empty, 0.0, X_val)
     if use_val:
         est.fit(X, y, X_val=X_val, y_val=y_val)
     else:
