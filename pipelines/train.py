@@ -70,7 +70,7 @@ def init_item_embeddings(model: torch.nn.Module, world) -> dict:
     d = table.shape[1]
     vecs = torch.from_numpy(emb.lookup(world.vocab.item_ids))                  # (N, d_c), unit rows
     vecs = vecs[:, :d]              # d < d_c: the leading components (the bootstrap is an SVD, ordered)
-    std = float(table[1:].std())
+    std = float(table[1:].detach().std())
     n = len(world.vocab.item_ids)
     with torch.no_grad():
         table[1:n + 1, :vecs.shape[1]] = vecs * (std / float(vecs.std()))   # d > d_c: the rest stays random

@@ -1,4 +1,5 @@
 """Training end to end on the tiny world: planted signals, resume equivalence, outputs and errors."""
+import json
 import shutil
 
 import numpy as np
@@ -139,3 +140,35 @@ def test_twinv2_beats_twin_when_dormant_interests_matter(dormant_ro, small_param
     print({k: (v["auc"], v["gauc"]) for k, v in res.items()})
     assert res["twinv2"]["auc"] > res["twin"]["auc"] + 0.03
     assert res["twinv2"]["gauc"] > res["twin"]["gauc"]
+
+
+def test_item_table_starts_from_the_cluster_embedding_and_frozen_tables_stay(clustered_ro, small_params, tmp_path):
+    """model.item_init cooc: the item rows are the cluster version's embedding (leading embed_dim components,
+    one common scale); model.frozen_tables: item and author rows never move during training."""
+    from twinv2.clustering.embeddings import load_npz
+    from twinv2.clustering.store import current_version
+    from twinv2.training.samples import Vocab
+
+    p = small_params
+    p["model"].update(item_init="cooc", frozen_tables=["item", "author"])
+    p["train"]["epochs"] = 1
+    out = tmp_path / "run"
+    train.run(clustered_ro, "twin", out, params=p)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["warm_start"]["item_init"] == "cooc"
+    vocab = Vocab.load(out / "vocab.npz")
+    emb = load_npz(clustered_ro / "clusters" / current_version(clustered_ro) / "embeddings.npz")
+    d = p["model"]["embed_dim"]
+    want = torch.from_numpy(emb.lookup(vocab.item_ids))[:, :d]
+    sd = torch.load(out / "model.pt", weights_only=True)
+    got = sd["features.item.weight"][1:len(vocab.item_ids) + 1]
+    scale = float((got * want).sum() / (want * want).sum())
+    assert scale > 0
+    torch.testing.assert_close(got, want * scale, rtol=1e-4, atol=1e-6)
+    ck = torch.load(sorted((out / "checkpoints").glob("epoch-*.pt"))[-1], weights_only=False)
+    torch.testing.assert_close(ck["model"]["features.author.weight"], sd["features.author.weight"])
+    # a trained table moves: the category table is not frozen
+    p2 = dict(p, model=dict(p["model"], frozen_tables=[]))
+    train.run(clustered_ro, "twin", tmp_path / "run2", params=p2)
+    sd2 = torch.load(tmp_path / "run2" / "model.pt", weights_only=True)
+    assert not torch.allclose(sd2["features.item.weight"][1:len(vocab.item_ids) + 1], want * scale)

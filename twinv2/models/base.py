@@ -30,6 +30,10 @@ class CTRModel(nn.Module):
         # "other features" of the head (TWIN-V2 sec. 3.4): the target's popularity bucket (views before ts)
         self.pop = nn.Embedding(int(vocab.get("pop", 22)), p["side_dim"]) if p.get("target_pop") else None
         self.count_fields = tuple(p.get("match_counts") or ())
+        # a learned scalar per target item added to the logit (the "wide" item bias of CTR models), init 0
+        self.item_bias = nn.Embedding(vocab["item"], 1, padding_idx=0) if p.get("item_bias") else None
+        if self.item_bias is not None:
+            nn.init.zeros_(self.item_bias.weight)
         self.watermark_gap = bool(p.get("watermark_gap", False)) and self.long_source == "clusters"
         self.check_inputs = True
 
@@ -66,7 +70,10 @@ class CTRModel(nn.Module):
             x.append(self.pop(batch["target"]["pop"]))           # (B, side_dim)
         for part in self.parts() if self.count_fields else ():
             x.append(match_counts(batch[part], batch["target"], self.count_fields))   # (B, 2F+1)
-        return self.head(torch.cat([t.to(s.dtype) for t in x], dim=-1))
+        logit = self.head(torch.cat([t.to(s.dtype) for t in x], dim=-1))
+        if self.item_bias is not None:
+            logit = logit + self.item_bias(batch["target"]["item"]).squeeze(-1).to(logit.dtype)
+        return logit
 
     def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions of the long sequence the model reads -> idx (B, k) int64, valid (B, k) bool.

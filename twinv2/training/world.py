@@ -36,6 +36,7 @@ class World:
     # so all models learn from the same samples; the counts are reported (never dropped silently).
     sample_floor: int | None = None
     excluded: dict | None = None
+    pinned_version: str | None = None      # train.cluster_version asked for (also by models without clusters)
 
     def samples(self, split: str | None = None, impressions: pd.DataFrame | None = None) -> Samples:
         imp = impressions if impressions is not None else self.impressions
@@ -60,7 +61,7 @@ class World:
         from twinv2.clustering.embeddings import load_npz
         from twinv2.clustering.store import current_version
 
-        version = self.cluster_version or current_version(self.data)
+        version = self.cluster_version or self.pinned_version or current_version(self.data)
         path = self.data / "clusters" / str(version) / "embeddings.npz" if version else None
         return load_npz(path) if path is not None and path.exists() else None
 
@@ -110,7 +111,8 @@ def load_world(data: str | Path, need_clusters: bool = False, cluster_version: s
         watermark = manifest.get("watermark")
         clusters = cluster_features(table, vocab)
     return World(Path(data), meta, items, imp, hist, vocab, raw_features(hist, vocab), clusters, version,
-                 None if watermark is None else int(watermark), _sample_floor(data, watermark))
+                 None if watermark is None else int(watermark), _sample_floor(data, watermark),
+                 pinned_version=cluster_version)
 
 
 def _sample_floor(data: str | Path, watermark: int | None) -> int | None:
