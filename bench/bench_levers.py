@@ -29,19 +29,20 @@ from twinv2.config import load_params  # noqa: E402
 from twinv2.io import write_json  # noqa: E402
 
 PAPER = {"model.target_pop": False, "model.item_init": "random", "model.frozen_tables": [],
-         "model.match_counts": [], "model.match_mass": False, "model.target_match": []}
+         "model.match_counts": [], "model.match_mass": False, "model.target_match": [], "model.watermark_gap": False,
+         "model.item_bias": False}
+COUNTS = {"model.target_pop": True, "model.item_init": "cooc", "model.match_counts": ["category", "author", "item"]}
 ROWS = {
     "paper": PAPER,                                                         # the papers' models, nothing added
     "mass": {**PAPER, "model.match_mass": True},                            # + soft match mass of each ESU head
     "target_match": {**PAPER, "model.match_mass": True, "model.target_match": ["category", "author", "item"]},
-    "pop": {**PAPER, "model.target_pop": True},                             # + target popularity bucket
+    "pop": {**PAPER, "model.target_pop": True},                             # + target popularity bucket alone
     "pop_cooc": {**PAPER, "model.target_pop": True, "model.item_init": "cooc"},
-    "pop_cooc_counts": {**PAPER, "model.target_pop": True, "model.item_init": "cooc",
-                        "model.match_counts": ["category", "author", "item"]},
-    "pop_cooc_counts_freeze_item": {**PAPER, "model.target_pop": True, "model.item_init": "cooc",
-                                    "model.match_counts": ["category", "author", "item"],
-                                    "model.frozen_tables": ["item"]},
-    "default": {},                                                          # params.yaml as committed
+    "pop_cooc_counts": {**PAPER, **COUNTS},
+    "freeze_item": {**PAPER, **COUNTS, "model.frozen_tables": ["item"]},
+    "freeze_item_author": {**PAPER, **COUNTS, "model.frozen_tables": ["item", "author"]},
+    "default": {},                                                          # params.yaml as committed (+ gap rows)
+    "item_bias": {"model.item_bias": True},
 }
 
 
