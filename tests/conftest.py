@@ -15,6 +15,23 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_fluent_isolation():
+    """A stage run in-process (pipelines.tracking.use_store) sets MLflow's fluent experiment for its store; a
+    later test on another store would start its runs in that experiment id. Reset it after every test."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        import mlflow
+        from mlflow.tracking import fluent
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture(scope="session")
 def params():
     from twinv2.config import load_params
