@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from twinv2.data.schema import DatasetPaths, conform
 from twinv2.data.store import BehaviorWriter
 from twinv2.errors import ConfigError, DataError
-from twinv2.io import atomic_path, write_json
+from twinv2.io import _fsync_dir, atomic_path, write_json
 
 # ---------------------------------------------------------------- line grammar
 
@@ -643,17 +643,6 @@ def clean_stale(out: Path) -> list[str]:
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d.name)
     return removed
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _switch_dir(new: Path, dest: Path, work: Path) -> None:
