@@ -61,6 +61,11 @@ def params(*, data_doc: str, models: bool, training: bool, overrides_example: st
                                   description="train.epochs")
         p["train_lr"] = Param(_default("train", "lr"), type=["null", "number"], exclusiveMinimum=0,
                               description="train.lr")
+        p["train_nodes"] = Param(1, type="integer", minimum=1, maximum=64,
+                                 description="torchrun nodes of each model's training: 1 trains in the task's "
+                                             "process; N > 1 launches N local torchrun nodes (c10d rendezvous "
+                                             "on 127.0.0.1, DDP) from the task (docs/scaling.md, Multi-node "
+                                             "training)")
     p["n_shards"] = Param(_default("cluster", "n_shards"), type=["null", "integer"], minimum=1,
                           description="cluster.n_shards: parallel clustering tasks")
     if training:

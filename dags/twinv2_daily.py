@@ -7,7 +7,8 @@ The daily TWIN-V2 pipeline on one dataset directory (`data`, default from params
    (AirflowFailException, no retries) and nothing downstream runs; the MLflow run shows why.
 2. **cluster_shard** x N (dynamic task mapping over user shards): incremental clustering when a cluster
    version exists, a full build otherwise; **finalize_clusters** publishes the new version.
-3. **train** each model (TWIN-V2 and the TWIN baseline), TWIN-V2 warm-started from the `champion`.
+3. **train** each model (TWIN-V2 and the TWIN baseline), TWIN-V2 warm-started from the `champion`; with
+   `train_nodes` > 1 as that many local torchrun nodes (docs/scaling.md, "Multi-node training").
 4. **evaluate** each model on the test split (AUC, GAUC, logloss, oracle gap, diversity).
 5. **register** the TWIN-V2 run as `challenger`; `champion` moves only when it beats the champion's GAUC
    on the same test data by `register.champion_margin`.
@@ -79,7 +80,9 @@ def twinv2_daily():
     def plan_models(info: dict, clusters: dict) -> list[str]:
         return list(info["models"])
 
-    @task(doc_md="Train one model; TWIN-V2 starts from the champion's checkpoint when there is one.",
+    @task(doc_md="Train one model; TWIN-V2 starts from the champion's checkpoint when there is one. "
+                 "`train_nodes` > 1: N local torchrun nodes (DDP over a c10d rendezvous); a retry resumes "
+                 "from the newest checkpoint.",
           map_index_template="{{ label }}")
     def train(info: dict, model: str) -> dict:
         from pipelines import register, tracking, train as stage
@@ -89,11 +92,17 @@ def twinv2_daily():
         out = tracking.run_dir(info["runs"], ctx, model)
         warm = register.champion_checkpoint(params, model)
         resume = (out / "model.pt").exists() or any(out.glob("checkpoint*"))
-        tracking.run_stage(ctx, info["parent"], "train", stage.run, key=model, data=info["data"],
-                           params=params, tags={"model": model, "run_dir": out, "warm_start": warm or "none"},
-                           bind_run=True,
-                           kwargs={"data": info["data"], "model": model, "out": out, "params": params,
-                              "resume": resume, "warm_start": warm})
+        kwargs = {"data": info["data"], "model": model, "out": out, "params": params, "resume": resume,
+                  "warm_start": warm}
+        nodes = int(get_current_context()["params"].get("train_nodes") or 1)
+        fn = stage.run
+        if nodes > 1:                                   # rank 0 logs into this task's MLflow run (bind_run)
+            from pipelines import multinode
+
+            fn, kwargs = multinode.run_local, {**kwargs, "nodes": nodes}
+        tracking.run_stage(ctx, info["parent"], "train", fn, key=model, data=info["data"], params=params,
+                           tags={"model": model, "run_dir": out, "warm_start": warm or "none", "train_nodes": nodes},
+                           bind_run=True, kwargs=kwargs)
         return {"model": model, "run": str(out)}
 
     @task(doc_md="Offline metrics of one model on the test split (same metric names for every model).",

@@ -101,7 +101,8 @@ def run(data: str | Path, model: str, out: str | Path, params: dict | None = Non
     out = Path(out)
     info = ddp.setup(tp.get("device"))
     try:
-        return _run(data, model, out, params, tp, cfg, info, resume, warm_start)
+        with ddp.guard(info, out / "checkpoints"):      # a lost peer: PeerLost naming the checkpoint to resume
+            return _run(data, model, out, params, tp, cfg, info, resume, warm_start)
     finally:
         ddp.cleanup(info)
 
