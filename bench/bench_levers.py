@@ -4,6 +4,7 @@ against a reference model per seed).
 
     python -m bench.bench_levers --data D [--rows paper,pop,...] [--models twinv2,twin] [--seeds 0,1,2]
                                  [--ref twin] [--out bench/results/bench_levers.json]
+    python -m bench.bench_levers --data D --coverage     # how much of each cluster its top-J ids cover
 
 A row is a named set of `--set`-style overrides applied on top of params.yaml (ROWS below, cumulative in the
 order the levers were tried, so each row measures one lever alone on top of the previous one). A cell is
@@ -30,7 +31,7 @@ from twinv2.io import write_json  # noqa: E402
 
 PAPER = {"model.target_pop": False, "model.item_init": "random", "model.frozen_tables": [],
          "model.match_counts": [], "model.match_mass": False, "model.target_match": [], "model.watermark_gap": False,
-         "model.item_bias": False}
+         "model.item_bias": False, "model.virtual_mix": 0, "model.target_stats": False}
 COUNTS = {"model.target_pop": True, "model.item_init": "cooc", "model.match_counts": ["category", "author", "item"]}
 ROWS = {
     "paper": PAPER,                                                         # the papers' models, nothing added
@@ -93,6 +94,29 @@ def table(cells: list[dict], ref: str) -> list[dict]:
     return out
 
 
+def coverage(data: str, slots=(1, 2, 4, 8, 16)) -> list[dict]:
+    """Share of the CURRENT cluster version's members whose id is among their cluster's J most frequent ids
+    (virtual_mix J), per field, and for J = 1 the share carried by the paper's nearest-member id instead."""
+    from twinv2.training.samples import MIX_FIELDS
+    from twinv2.training.world import load_world
+
+    w = load_world(data, need_clusters=True)
+    out = []
+    for J in slots:
+        w.clusters.mix = None
+        w.attach_mix(J)
+        total = float(np.exp(w.clusters.log_n).sum())
+        line = {"slots": J}
+        for f in MIX_FIELDS:
+            line[f] = float(w.clusters.mix[f][1].sum() / total)
+            if J == max(slots):
+                ids, n, _ = w.clusters.mix[f]
+                rep = getattr(w.clusters, f)[:, None]
+                line[f"{f}_nearest_member"] = float((n * (ids == rep)).sum() / total)
+        out.append(line)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -102,7 +126,18 @@ def main(argv=None) -> int:
     ap.add_argument("--ref", default="twin")
     ap.add_argument("--cells", default=str(ROOT / "bench" / "results" / "levers"), help="cell folder")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_levers.json"))
+    ap.add_argument("--coverage", action="store_true", help="print the virtual_mix coverage table and exit")
     a = ap.parse_args(argv)
+    if a.coverage:
+        lines = coverage(a.data)
+        print(f"{'J':>3} " + " ".join(f"{f:>9}" for f in ("category", "author", "item")))
+        for x in lines:
+            print(f"{x['slots']:>3} " + " ".join(f"{x[f]:>9.3f}" for f in ("category", "author", "item")))
+        last = lines[-1]
+        print("share carried by the nearest member's id (the paper's virtual item): " +
+              ", ".join(f"{f} {last[f + '_nearest_member']:.3f}" for f in ("category", "author", "item")))
+        print(json.dumps({"coverage": lines}))
+        return 0
     rows = a.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

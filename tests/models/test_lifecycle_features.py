@@ -16,13 +16,14 @@ from twinv2.models.base import match_counts
 from twinv2.training.samples import RowFeatures
 
 FIELDS = ("category", "author", "item")
-LEVERS = {**SMALL, "target_pop": True, "match_counts": list(FIELDS)}
+LEVERS = {**SMALL, "target_pop": True, "target_stats": True, "match_counts": list(FIELDS)}
 VOCAB_POP = {**VOCAB, "pop": 7}
 
 
 def _with_pop(batch, seed=0):
     g = torch.Generator().manual_seed(seed)
     batch["target"]["pop"] = torch.randint(1, VOCAB_POP["pop"], batch["target"]["item"].shape, generator=g)
+    batch["target"]["stats"] = torch.rand(batch["target"]["item"].shape + (4,), generator=g)
     for part in ("long", "short"):
         batch[part]["comp"] = torch.rand(batch[part]["mask"].shape, generator=g) * 2 * batch[part]["mask"]
     return batch
@@ -87,6 +88,8 @@ def test_levers_change_the_head_input_and_reach_the_logit():
         base = model(batch)
         other = dict(batch, target=dict(batch["target"], pop=batch["target"]["pop"] % 6 + 1))
         assert not torch.allclose(base, model(other))                    # the popularity bucket is read
+        other = dict(batch, target=dict(batch["target"], stats=batch["target"]["stats"] + 1))
+        assert not torch.allclose(base, model(other))                    # the target stats are read
         long = dict(batch["long"], category=batch["long"]["category"].clone())
         long["category"][:, :4] = batch["target"]["category"].unsqueeze(1) * long["mask"][:, :4]
         assert not torch.allclose(base, model(dict(batch, long=long)))    # the match counts are read
@@ -125,3 +128,79 @@ def test_item_counts_before_equal_a_loop_and_never_read_ts_or_later():
     got = rows.item_counts_before(q_item, q_ts)
     ref = np.array([int(((item == i) & (ts < t)).sum()) for i, t in zip(q_item, q_ts)])
     np.testing.assert_array_equal(got, ref)
+
+
+def test_counts_before_with_completion_equal_a_loop():
+    """target_stats: views of an author (or item) strictly before ts and the sum of their min(completion, 1)."""
+    rng = np.random.default_rng(1)
+    n = 500
+    item, author = rng.integers(1, 12, n), rng.integers(1, 5, n)
+    ts = rng.integers(0, 40, n).astype(np.float64)
+    comp = rng.uniform(0, 2, n).astype(np.float32)
+    rows = RowFeatures(np.array([1]), np.array([0, n]), item, author, item, item, np.zeros((n, 2), np.int32), ts,
+                       np.zeros(n, np.float32), comp)
+    q, q_ts = rng.integers(0, 6, 200), rng.integers(-1, 42, 200)
+    cnt, csum = rows.counts_before("author", q, q_ts)
+    for k, (a, t) in enumerate(zip(q, q_ts)):
+        sel = (author == a) & (ts < t)
+        assert cnt[k] == sel.sum()
+        assert abs(csum[k] - np.minimum(comp[sel], 1.0).sum()) < 1e-4
+
+
+def _with_mix(batch, J=3, seed=0):
+    """Virtual-item mixes on the long part: J ids per row with member counts and completion sums (padding 0)."""
+    g = torch.Generator().manual_seed(seed)
+    long = batch["long"]
+    m = long["mask"].unsqueeze(-1)
+    for f in FIELDS:
+        ids = torch.randint(1, VOCAB[f], long["mask"].shape + (J,), generator=g)
+        ids[..., 0] = long[f]                                          # slot 0: the representative's id
+        ids[:, ::2, 1] = batch["target"][f].unsqueeze(1)              # plant target matches in slot 1
+        n = torch.randint(0, 5, ids.shape, generator=g).float()
+        long[f"mix_{f}"] = ids * m
+        long[f"mix_{f}_n"] = n * m
+        long[f"mix_{f}_c"] = n * torch.rand(ids.shape, generator=g) * m
+    return batch
+
+
+def _naive_mix_counts(seq, target, fields):
+    """The match counts of a sequence with mixes, one sample, one row, one slot at a time."""
+    B, L = seq["mask"].shape
+    out = []
+    for b in range(B):
+        N = sum(math.exp(float(seq["log_n"][b, i])) for i in range(L) if seq["mask"][b, i])
+        P = sum(math.exp(float(seq["log_n"][b, i])) * float(seq["comp"][b, i]) for i in range(L) if seq["mask"][b, i])
+        C, D = [], []
+        for f in fields:
+            c = d = 0.0
+            for i in range(L):
+                for j in range(seq[f"mix_{f}"].shape[2]):
+                    if seq["mask"][b, i] and int(seq[f"mix_{f}"][b, i, j]) == int(target[f][b]):
+                        c += float(seq[f"mix_{f}_n"][b, i, j])
+                        d += float(seq[f"mix_{f}_c"][b, i, j])
+            C.append(c)
+            D.append(d)
+        row = [math.log1p(x) for x in C] + [x / N if N else 0.0 for x in C]
+        row += [math.log1p(x) for x in D] + [x / P if P else 0.0 for x in D]
+        out.append(row + [math.log1p(N), P / max(N, 1.0)])
+    return torch.tensor(out)
+
+
+def test_match_counts_with_virtual_item_mixes_equal_a_loop():
+    batch = _with_mix(_with_pop(make_batch(B=5, L=9, long_lens=[9, 0, 2, 5, 1], seed=4, clusters=True), 4), J=3)
+    got = match_counts(batch["long"], batch["target"], FIELDS)
+    torch.testing.assert_close(got, _naive_mix_counts(batch["long"], batch["target"], FIELDS), rtol=1e-5, atol=1e-5)
+    assert got[1].abs().sum() == 0
+    # the mixes are what is counted: the representative-only counts differ
+    plain = {k: v for k, v in batch["long"].items() if not k.startswith("mix_")}
+    assert not torch.allclose(got, match_counts(plain, batch["target"], FIELDS))
+
+
+@settings(max_examples=20, deadline=None)
+@given(lens=st.lists(st.integers(0, 10), min_size=3, max_size=3), extra=st.integers(1, 5), seed=st.integers(0, 50))
+def test_twinv2_with_mixes_is_invariant_to_padding(lens, extra, seed):
+    torch.manual_seed(seed)
+    model = build_model("twinv2", VOCAB_POP, {**LEVERS, "virtual_mix": 3}).eval()
+    batch = _with_mix(_with_pop(make_batch(B=3, L=10, long_lens=lens, seed=seed, clusters=True), seed), J=3, seed=seed)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model(pad_to(batch, "long", 10 + extra)), rtol=1e-5, atol=1e-5)

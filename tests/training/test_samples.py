@@ -203,3 +203,79 @@ def test_watermark_gap_rows_follow_the_clusters_and_never_reach_ts(tmp_path, lon
     plain = SampleSet(s, raw, vocab, "clusters", long_len=long_len, short_len=4, clusters=cf, watermark=W)[
         list(range(len(imp)))]
     assert int(plain["long"]["mask"].sum()) < int(b["long"]["mask"].sum())
+
+
+def members_for(beh, watermark):
+    """The behaviour -> cluster map of clusters_for (same split), in the order of the behaviours."""
+    rows = []
+    for u, g in beh[beh.ts < watermark].groupby("user_id"):
+        for cid, ix in enumerate(np.array_split(np.arange(len(g)), max(1, len(g) // 4))):
+            part = g.iloc[ix]
+            rows.append(pd.DataFrame({"user_id": u, "ts": part.ts, "item_id": part.item_id, "cluster_id": cid}))
+    return pd.concat(rows).sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_cluster_mix_equals_a_per_cluster_count(tmp_path, shuffle):
+    """Each cluster row's J most frequent member ids (count desc, index asc), their counts and completion sums,
+    == a plain per-cluster Counter; members in the stored order or shuffled (the join by key)."""
+    from collections import defaultdict
+
+    from twinv2.training.samples import MIX_FIELDS, cluster_mix
+
+    items, beh, hist, _ = small_store(tmp_path, seed=5, max_len=60)
+    W = 60 * DAY
+    cl, mem = clusters_for(beh, W, items), members_for(beh, W)
+    if shuffle:
+        mem = mem.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    vocab = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
+    cf, raw = cluster_features(cl, vocab), raw_features(hist, vocab)
+    J = 2
+    mix = cluster_mix(cf, mem, raw, vocab, J, W)
+    urow = np.repeat(cf.user_ids, np.diff(cf.offsets))
+    b = beh[beh.ts < W].merge(mem, on=["user_id", "ts", "item_id"])
+    assert len(b) == len(mem)
+    for r in range(len(cf.item)):
+        g = b[(b.user_id == urow[r]) & (b.cluster_id == cf.cluster_id[r])]
+        ii = vocab.item_index(g.item_id.to_numpy())
+        ids = {"item": ii, "author": vocab.item_author[ii], "category": vocab.item_category[ii]}
+        comp = (g.play_ms / np.maximum(g.duration_ms, 1)).to_numpy()
+        for f in MIX_FIELDS:
+            n, c = defaultdict(int), defaultdict(float)
+            for k, x in zip(ids[f], comp):
+                n[int(k)] += 1
+                c[int(k)] += float(x)
+            top = sorted(n, key=lambda k: (-n[k], k))[:J]
+            want_i = np.array(top + [0] * (J - len(top)))
+            np.testing.assert_array_equal(mix[f][0][r], want_i)
+            np.testing.assert_array_equal(mix[f][1][r], [n[k] for k in top] + [0] * (J - len(top)))
+            np.testing.assert_allclose(mix[f][2][r], [c[k] for k in top] + [0] * (J - len(top)), rtol=1e-5)
+
+
+def test_mixes_with_the_gap_rows_count_the_whole_history_before_ts(tmp_path):
+    """With J >= the largest cluster and the watermark-gap rows, TWIN-V2's match counts over its long part are
+    exact counts over every behaviour of the user before the sample's ts (and none at or after it)."""
+    from twinv2.models.base import match_counts
+    from twinv2.training.samples import cluster_mix
+
+    items, beh, hist, imp = small_store(tmp_path, seed=6, max_len=60)
+    W = 50 * DAY
+    cl, mem = clusters_for(beh, W, items), members_for(beh, W)
+    vocab = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
+    cf, raw = cluster_features(cl, vocab), raw_features(hist, vocab)
+    J = int(cl["size"].max())
+    cf.mix = cluster_mix(cf, mem, raw, vocab, J, W)
+    imp = imp[imp.ts >= W].reset_index(drop=True)
+    ds = SampleSet(make_samples(imp, hist, vocab, cf, watermark=W), raw, vocab, "clusters", long_len=None,
+                   short_len=4, clusters=cf, watermark=W, watermark_gap=True, mix_slots=J)
+    b = ds[list(range(len(imp)))]
+    got = match_counts(b["long"], b["target"], ("category", "author", "item"))
+    assert len(imp) > 5
+    for i, r in enumerate(imp.itertuples()):
+        h = beh[(beh.user_id == r.user_id) & (beh.ts < r.ts)]
+        ii = vocab.item_index(h.item_id.to_numpy())
+        t = int(vocab.item_index(np.array([r.item_id]))[0])
+        want = [np.sum(vocab.item_category[ii] == vocab.item_category[t]),
+                np.sum(vocab.item_author[ii] == vocab.item_author[t]), np.sum(ii == t)]
+        np.testing.assert_allclose(got[i, :3].numpy(), np.log1p(want), rtol=1e-5)
+        np.testing.assert_allclose(got[i, -2].numpy(), np.log1p(len(h)), rtol=1e-5)

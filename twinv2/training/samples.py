@@ -195,6 +195,10 @@ class RowFeatures:
     ts: np.ndarray           # (N,) float64 ms (cluster ts is a mean)
     log_n: np.ndarray        # (N,) float32
     comp: np.ndarray | None = None   # (N,) float32 completion play/duration (cluster: the members' mean)
+    cluster_id: np.ndarray | None = None   # (N,) int64 cluster id of each row (cluster stores only)
+    # virtual-item mixes (cluster stores, `attach_mix`): field -> (ids (N, J) int64, n (N, J) float32 member
+    # counts, c (N, J) float32 summed member completion), the J most frequent ids among each cluster's members
+    mix: dict | None = None
 
     def index_of(self, user_ids: np.ndarray) -> np.ndarray:
         u = np.asarray(user_ids, dtype=np.int64)
@@ -213,18 +217,28 @@ class RowFeatures:
         return c[self.offsets[1:]] - c[self.offsets[:-1]]
 
     def item_counts_before(self, item: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        """Number of rows (over all users) of item index item[i] with ts strictly before ts[i] -> (M,) int64.
+        """Number of rows (over all users) of item index item[i] with ts strictly before ts[i] -> (M,) int64."""
+        return self.counts_before("item", item, ts)[0]
 
-        One sorted key per store, built on first use: key = item * R + rank(ts) over the R distinct row
-        times, so a query is two binary searches (rows of the item, and of those the ones before ts)."""
-        if getattr(self, "_count_key", None) is None:
+    def counts_before(self, field: str, ids: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Over all users' rows whose `field` (item / author / category index) is ids[i] and whose ts is strictly
+        before ts[i]: (number of rows (M,) int64, sum of their completion min(comp, 1) (M,) float64).
+
+        One sorted key per store and field, built on first use: key = id * R + rank(ts) over the R distinct row
+        times, so a query is two binary searches (rows of the id, and of those the ones before ts)."""
+        cache = self.__dict__.setdefault("_before", {})
+        if field not in cache:
             uts = np.unique(self.ts)
-            self._count_uts = uts
-            self._count_key = np.sort(self.item.astype(np.int64) * (len(uts) + 1) + np.searchsorted(uts, self.ts))
-        uts, key = self._count_uts, self._count_key
-        base = np.asarray(item, np.int64) * (len(uts) + 1)
+            key = getattr(self, field).astype(np.int64) * (len(uts) + 1) + np.searchsorted(uts, self.ts)
+            order = np.argsort(key, kind="stable")
+            w = np.minimum(self.comp, 1.0) if self.comp is not None else np.ones(len(key))
+            cache[field] = (uts, key[order], np.concatenate([[0.0], np.cumsum(w[order], dtype=np.float64)]))
+        uts, key, csum = cache[field]
+        base = np.asarray(ids, np.int64) * (len(uts) + 1)
         before = np.searchsorted(uts, np.asarray(ts, np.float64), side="left")    # distinct times < ts
-        return np.searchsorted(key, base + before, side="left") - np.searchsorted(key, base, side="left")
+        hi = np.searchsorted(key, base + before, side="left")
+        lo = np.searchsorted(key, base, side="left")
+        return hi - lo, csum[hi] - csum[lo]
 
 
 def completion(play_ms: np.ndarray, duration_ms: np.ndarray) -> np.ndarray:
@@ -273,7 +287,89 @@ def cluster_features(clusters: pd.DataFrame, vocab: Vocab) -> RowFeatures:
                                  df["completion"].to_numpy(np.float64) if "completion" in df.columns else None),
         ts=df["ts"].to_numpy(np.float64), log_n=np.log(size).astype(np.float32),
         comp=(df["completion"].to_numpy(np.float32) if "completion" in df.columns else
-              completion(df["play_ms"].to_numpy(np.float64), df["duration_ms"].to_numpy(np.float64))))
+              completion(df["play_ms"].to_numpy(np.float64), df["duration_ms"].to_numpy(np.float64))),
+        cluster_id=df["cluster_id"].to_numpy(np.int64) if "cluster_id" in df.columns else None)
+
+
+MIX_FIELDS = ("category", "author", "item")
+
+
+def cluster_mix(clusters: RowFeatures, members: pd.DataFrame, raw: RowFeatures, vocab: Vocab, slots: int,
+                watermark: int | None = None) -> dict:
+    """Virtual-item mixes (our extension to the paper's nearest-member ids, docs/models.md "virtual_mix"):
+    for every cluster row and field f in MIX_FIELDS, the `slots` most frequent ids among its members
+    (ties: smaller index first), with each id's member count n and summed member completion c.
+
+    members: the version's behaviour -> cluster map (user_id, ts, item_id, cluster_id). A member's completion
+    comes from the raw store: by position when the members are exactly the raw rows with ts < watermark (the
+    stored order), else by (user_id, ts, item) (1.0 where no raw row matches).
+    -> {f: (ids (N, J) int64, n (N, J) float32, c (N, J) float32)}, zero-padded; N = cluster rows."""
+    J = int(slots)
+    N = len(clusters.item)
+    if J <= 0:
+        raise ValueError(f"virtual_mix slots must be >= 1, got {slots}")
+    if clusters.cluster_id is None:
+        raise ValueError("cluster rows carry no cluster_id: the cluster table lacks a cluster_id column")
+    for col in ("user_id", "ts", "item_id", "cluster_id"):
+        if col not in members.columns:
+            raise ValueError(f"members table lacks {col!r}; expected user_id, ts, item_id, cluster_id")
+    mu = members["user_id"].to_numpy(np.int64)
+    mts = members["ts"].to_numpy(np.int64)
+    mitem = vocab.item_index(members["item_id"].to_numpy(np.int64))                 # (M,) item index
+    comp = _member_completion(raw, mu, mts, mitem, watermark)
+    # cluster row of each member: key (user, cluster id) -> row of the cluster store
+    urow = np.repeat(np.arange(len(clusters.user_ids)), np.diff(clusters.offsets))
+    span = int(max(clusters.cluster_id.max(initial=0), members["cluster_id"].max() if len(members) else 0)) + 1
+    ckey = clusters.user_ids[urow] * span + clusters.cluster_id
+    order = np.argsort(ckey, kind="stable")
+    mkey = mu * span + members["cluster_id"].to_numpy(np.int64)
+    at = np.clip(np.searchsorted(ckey[order], mkey), 0, max(N - 1, 0))
+    found = (ckey[order][at] == mkey) if N else np.zeros(len(mkey), bool)
+    if not found.all():
+        bad = int(np.flatnonzero(~found)[0])
+        raise ValueError(f"members row {bad} (user {mu[bad]}, cluster {members['cluster_id'].iloc[bad]}) has no "
+                         f"cluster row; expected every member's (user_id, cluster_id) in the cluster table")
+    row = order[at]                                                                  # (M,)
+    ids = {"category": vocab.item_category[mitem], "author": vocab.item_author[mitem], "item": mitem}
+    return {f: _top_ids(row, ids[f], comp, N, J) for f in MIX_FIELDS}
+
+
+def _member_completion(raw: RowFeatures, mu, mts, mitem, watermark) -> np.ndarray:
+    """(M,) completion of each member, from the raw row it was clustered from."""
+    urows = np.repeat(raw.user_ids, np.diff(raw.offsets))
+    rts = raw.ts.astype(np.int64)
+    comp = raw.comp if raw.comp is not None else np.ones(len(rts), np.float32)
+    if watermark is not None:
+        keep = rts < int(watermark)
+        if (int(keep.sum()) == len(mu) and np.array_equal(urows[keep], mu) and np.array_equal(rts[keep], mts)
+                and np.array_equal(raw.item[keep], mitem)):
+            return comp[keep].astype(np.float32)
+    left = pd.DataFrame({"user_id": mu, "ts": mts, "item": mitem})
+    right = pd.DataFrame({"user_id": urows, "ts": rts, "item": raw.item, "c": comp}).drop_duplicates(
+        ["user_id", "ts", "item"])
+    j = left.merge(right, on=["user_id", "ts", "item"], how="left")         # left merge keeps the left order
+    return j["c"].fillna(1.0).to_numpy(np.float32)
+
+
+def _top_ids(row: np.ndarray, ids: np.ndarray, comp: np.ndarray, N: int, J: int):
+    """Per cluster row, the J most frequent ids of its members -> (ids, n, c), each (N, J)."""
+    V = int(ids.max(initial=0)) + 1
+    key = row.astype(np.int64) * V + ids
+    uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    csum = np.bincount(inv, weights=comp, minlength=len(uk))
+    r, v = uk // V, uk % V
+    o = np.lexsort((v, -cnt, r))                                   # by row, count desc, id asc
+    r, v, cnt, csum = r[o], v[o], cnt[o], csum[o]
+    first = np.searchsorted(r, r, side="left")
+    rank = np.arange(len(r)) - first
+    k = rank < J
+    out_i = np.zeros((N, J), np.int64)
+    out_n = np.zeros((N, J), np.float32)
+    out_c = np.zeros((N, J), np.float32)
+    out_i[r[k], rank[k]] = v[k]
+    out_n[r[k], rank[k]] = cnt[k]
+    out_c[r[k], rank[k]] = csum[k]
+    return out_i, out_n, out_c
 
 
 # ---------------------------------------------------------------- samples
@@ -323,10 +419,12 @@ def make_samples(impressions: pd.DataFrame, hist: UserHistories, vocab: Vocab,
 
 
 def _gather(rows: RowFeatures, lo: np.ndarray, hi: np.ndarray, width: int | None, target_ts: np.ndarray,
-            vocab: Vocab) -> dict[str, torch.Tensor]:
+            vocab: Vocab, mix_slots: int = 0) -> dict[str, torch.Tensor]:
     """Rows [lo, hi) of each sample, the last `width` of them, left-aligned and padded at the end.
 
-    lo, hi: (B,) global row bounds. width None: as wide as the longest sample in the batch."""
+    lo, hi: (B,) global row bounds. width None: as wide as the longest sample in the batch.
+    mix_slots J > 0 adds mix_<f>, mix_<f>_n, mix_<f>_c (B, W, J) for f in MIX_FIELDS: the store's mixes, or for
+    a store without them (raw behaviours) the row's own id in slot 0 with n = 1 and c = its completion."""
     n = np.maximum(hi - lo, 0)
     if width is None:
         width = max(int(n.max()) if len(n) else 0, 1)
@@ -357,6 +455,23 @@ def _gather(rows: RowFeatures, lo: np.ndarray, hi: np.ndarray, width: int | None
     if rows.comp is not None:
         out["comp"] = torch.from_numpy(np.where(mask, rows.comp[safe], 0).astype(np.float32)
                                        if len(rows.item) else np.zeros(idx.shape, np.float32))
+    J = int(mix_slots)
+    for f in MIX_FIELDS if J > 0 else ():
+        if rows.mix is not None:
+            ids, n, c = rows.mix[f]
+            if ids.shape[1] != J:
+                raise ValueError(f"cluster mixes hold {ids.shape[1]} slots, the model reads {J} (virtual_mix)")
+            m3 = mask[..., None]
+            parts = [np.where(m3, a[safe], 0) if len(a) else np.zeros(idx.shape + (J,), a.dtype) for a in (ids, n, c)]
+        else:
+            parts = [np.zeros(idx.shape + (J,), np.int64), np.zeros(idx.shape + (J,), np.float32),
+                     np.zeros(idx.shape + (J,), np.float32)]
+            parts[0][..., 0] = take(getattr(rows, f))
+            parts[1][..., 0] = mask
+            parts[2][..., 0] = np.where(mask, rows.comp[safe], 0) if rows.comp is not None and len(rows.item) else mask
+        out[f"mix_{f}"] = torch.from_numpy(parts[0].astype(np.int64))
+        out[f"mix_{f}_n"] = torch.from_numpy(parts[1].astype(np.float32))
+        out[f"mix_{f}_c"] = torch.from_numpy(parts[2].astype(np.float32))
     return out
 
 
@@ -404,7 +519,7 @@ class SampleSet(torch.utils.data.Dataset):
 
     def __init__(self, samples: Samples, raw: RowFeatures, vocab: Vocab, long_source: str,
                  long_len: int | None, short_len: int, clusters: RowFeatures | None = None,
-                 watermark: int | None = None, watermark_gap: bool = False):
+                 watermark: int | None = None, watermark_gap: bool = False, mix_slots: int = 0):
         if long_source not in ("raw", "clusters", "none"):
             raise ValueError(f"long_source must be raw, clusters or none, got {long_source!r}")
         if long_source == "clusters" and clusters is None:
@@ -412,6 +527,10 @@ class SampleSet(torch.utils.data.Dataset):
         self.samples, self.raw, self.vocab = samples, raw, vocab
         self.long_source, self.short_len, self.clusters = long_source, int(short_len), clusters
         self.long_len = None if (long_len is None or int(long_len) <= 0) else int(long_len)
+        # virtual_mix: the long sequence of clusters carries each virtual item's id mix (cluster_mix)
+        self.mix_slots = int(mix_slots) if long_source == "clusters" else 0
+        if self.mix_slots and clusters.mix is None:
+            raise ValueError("virtual_mix > 0 needs the cluster store's mixes (World.dataset attaches them)")
         # watermark_gap: the raw behaviours in [W, ts) follow the clusters in the long sequence as clusters of
         # size 1 (ln n = 0), so a sample reads its whole life cycle up to ts, not only up to W.
         self.gap_pos = None
@@ -432,14 +551,15 @@ class SampleSet(torch.utils.data.Dataset):
             batch["long"] = _gather(self.raw, lo, hi, self.long_len, ts, v)
         elif self.long_source == "clusters":
             clo, chi = _bounds(self.clusters, s.cidx[i], None)
+            J = self.mix_slots
             if self.gap_pos is None:
-                batch["long"] = _gather(self.clusters, clo, chi, self.long_len, ts, v)
+                batch["long"] = _gather(self.clusters, clo, chi, self.long_len, ts, v, J)
             else:
                 glo = np.where(s.uidx[i] >= 0, self.raw.offsets[np.maximum(s.uidx[i], 0)] +
                                self.gap_pos[np.maximum(s.uidx[i], 0)], 0)
                 glo = np.minimum(glo, hi)                                          # rows in [W, ts)
-                batch["long"] = _concat(_gather(self.clusters, clo, chi, self.long_len, ts, v),
-                                        _gather(self.raw, glo, hi, self.long_len, ts, v), self.long_len)
+                batch["long"] = _concat(_gather(self.clusters, clo, chi, self.long_len, ts, v, J),
+                                        _gather(self.raw, glo, hi, self.long_len, ts, v, J), self.long_len)
         else:   # no long part: an all-padding sequence of length 1 keeps the dict shape uniform
             z = np.zeros(len(i), np.int64)
             batch["long"] = _gather(self.raw, z, z, 1, ts, v)
@@ -449,12 +569,18 @@ class SampleSet(torch.utils.data.Dataset):
     def targets(self, i: np.ndarray) -> dict:
         """The target part of a batch: item-inherent feature indices of samples i -> dict of (B,) tensors."""
         v, item = self.vocab, self.samples.item[i]
-        views = self.raw.item_counts_before(item, self.samples.ts[i])                # leakage rule: before ts
+        ts = self.samples.ts[i]
+        views, vcomp = self.raw.counts_before("item", item, ts)                     # leakage rule: before ts
+        author = v.item_author[item]
+        aviews, acomp = self.raw.counts_before("author", author, ts)
         pop = np.clip(np.floor(np.log2(1.0 + views)), 0, int(v.features.get("pop_log2_max", 20))).astype(np.int64) + 1
-        return {"item": torch.from_numpy(item), "author": torch.from_numpy(v.item_author[item]),
+        # target_stats: ln(1 + views), mean completion of the views (0 if none), the same for the author
+        stats = np.stack([np.log1p(views), vcomp / np.maximum(views, 1), np.log1p(aviews),
+                          acomp / np.maximum(aviews, 1)], axis=1).astype(np.float32)          # (B, 4)
+        return {"item": torch.from_numpy(item), "author": torch.from_numpy(author),
                 "category": torch.from_numpy(v.item_category[item]),
                 "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64)),
-                "pop": torch.from_numpy(pop)}
+                "pop": torch.from_numpy(pop), "stats": torch.from_numpy(stats)}
 
 
 class BatchOrder(torch.utils.data.Sampler):

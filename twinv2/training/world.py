@@ -15,7 +15,7 @@ import pandas as pd
 
 from twinv2.data.schema import DatasetPaths
 from twinv2.data.store import UserHistories, open_behaviors, read_table
-from twinv2.training.samples import (RowFeatures, Samples, SampleSet, Vocab, cluster_features,
+from twinv2.training.samples import (RowFeatures, Samples, SampleSet, Vocab, cluster_features, cluster_mix,
                                      extra_cross_columns, make_samples, raw_features)
 
 
@@ -51,8 +51,22 @@ class World:
         return make_samples(imp.reset_index(drop=True), self.hist, self.vocab, self.clusters, self.watermark)
 
     def dataset(self, samples: Samples, model) -> SampleSet:
+        J = int(getattr(model, "mix_slots", 0) or 0) if model.long_source == "clusters" else 0
+        if J:
+            self.attach_mix(J)
         return SampleSet(samples, self.raw, self.vocab, model.long_source, model.long_len, model.short_len,
-                         self.clusters, self.watermark, bool(getattr(model, "watermark_gap", False)))
+                         self.clusters, self.watermark, bool(getattr(model, "watermark_gap", False)), J)
+
+    def attach_mix(self, slots: int) -> None:
+        """Compute the virtual-item mixes of the cluster version (its members joined to the raw store) once."""
+        if self.clusters is None:
+            raise ValueError("virtual_mix needs a cluster version; this world was loaded without clusters")
+        if self.clusters.mix is not None and self.clusters.mix["item"][0].shape[1] == int(slots):
+            return
+        from twinv2.clustering.store import load_clusters
+
+        members = load_clusters(self.data, self.cluster_version).members.to_pandas()
+        self.clusters.mix = cluster_mix(self.clusters, members, self.raw, self.vocab, int(slots), self.watermark)
 
     def item_embedding(self):
         """The item embedding the cluster version was built with (DIR/clusters/<version>/embeddings.npz:
