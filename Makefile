@@ -36,3 +36,14 @@ airflow: setup
 
 mlflow: setup
 	$(BIN)/python -m pipelines.services mlflow
+
+.PHONY: airflow-celery airflow-celery-stop
+# The CeleryExecutor set-up (pipelines/celery_services.py, README "From make run to Celery workers"): Redis and
+# PostgreSQL (Debian's packages, installed when missing), api-server, scheduler, dag-processor and two Celery
+# workers, all on 127.0.0.1, state in airflow_home/celery/. Ctrl-C or `make airflow-celery-stop` stops it all.
+airflow-celery: setup
+	bash deploy/celery-packages.sh
+	$(BIN)/python -m pipelines.celery_services start
+
+airflow-celery-stop: setup
+	$(BIN)/python -m pipelines.celery_services stop
