@@ -45,6 +45,9 @@ KEY_SECTIONS = ("model", "train", "gbdt", "evaluate", "cluster")
 EXECUTION_ONLY = {"train": {"progress", "num_workers", "log_every", "keep_checkpoints"},
                   "evaluate": {"plots"}, "cluster": {"n_jobs", "chunk_rows", "finalize_last_shard", "n_shards"}}
 METRIC_KEYS = ("auc", "gauc", "logloss", "oracle_auc", "oracle_gap", "ece")
+# ablation switches added after cells existed: at their default (today's behaviour) left out of the key, so
+# a cell computed before the switch stays done (pipelines.cluster.NAME_DEFAULTS does the same for versions)
+KEY_DEFAULTS = {"model": {"log_n": True}, "cluster": {"virtual_ids": "nearest", "method": "hierarchical"}}
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -117,7 +120,9 @@ def _section_key(params: dict) -> dict:
     for s in KEY_SECTIONS:
         sec = params.get(s)
         if isinstance(sec, dict):
-            out[s] = {k: v for k, v in sec.items() if k not in EXECUTION_ONLY.get(s, set())}
+            dflt = KEY_DEFAULTS.get(s, {})
+            out[s] = {k: v for k, v in sec.items() if k not in EXECUTION_ONLY.get(s, set())
+                      and not (k in dflt and v == dflt[k])}
     return out
 
 
@@ -362,7 +367,7 @@ def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
         "train": {k: trained.get(k) for k in ("best_epoch", "epochs_run", "best_valid_gauc", "resumed_from_epoch",
                                               "n_train")},
         "cost": {"train_s": train_s, "samples_per_s": sps, "evaluate_s": eval_s, "peak_rss_mb": rss.mb,
-                 "gsu_positions": gsu_positions(run)},
+                 "gsu_positions": gsu_positions(run), "macs_per_candidate": model_macs(run)},
         "curve": [{k: h.get(k) for k in ("epoch", "train_loss", "valid_auc", "valid_gauc")}
                   for h in trained.get("history") or [] if isinstance(h, dict)],
         "cluster_params": {k: params.get("cluster", {}).get(k) for k in ("gamma", "exponent", "group_edges")},
@@ -382,6 +387,86 @@ def gsu_positions(run: Path) -> int | None:
     if cfg.get("long_source") in (None, "none"):
         return None
     return cfg.get("long_len")
+
+
+def _linear_macs(mod) -> int:
+    """Multiply-adds of one row through every nn.Linear inside `mod` (in_features * out_features each)."""
+    import torch.nn as nn
+
+    return sum(m.in_features * m.out_features for m in mod.modules() if isinstance(m, nn.Linear))
+
+
+def _attention_macs(att, n_gsu: int, n_esu: int) -> int:
+    """One TwinAttention for one candidate: a GSU scoring n_gsu positions (keys only) and/or an ESU attending
+    n_esu positions (keys, values, softmax pooling), each stage with its own query projection; per position
+    from the module's shapes: key projection d_h x H*dk, cross scalars J x c, cross terms H x J, target-match
+    terms H x F, the score dot H*dk; the ESU adds the value projection (d_h + J*c) x H*dk and the pooling H*dk."""
+    hd = att.w_q.out_features
+    per_key = (att.w_h.in_features * att.w_h.out_features + att.w_c.numel() + att.beta.numel() + hd
+               + (att.beta_m.numel() if att.match_fields else 0))
+    per_val = att.w_v.in_features * att.w_v.out_features + hd
+    query = att.w_q.in_features * att.w_q.out_features
+    stages = (n_gsu > 0) + (n_esu > 0)
+    return stages * query + n_gsu * per_key + n_esu * (per_key + per_val)
+
+
+def macs_per_candidate(model, params: dict | None = None) -> int | None:
+    """Multiply-adds one candidate costs in one forward (the uncached serving path: no per-id projection
+    cache, nothing shared across candidates), counted from the module shapes and the sequence lengths:
+    GSU over the long sequence (long_len positions) + ESU over its top-k (k' = min(topk, long_len)) + the
+    short attention (short_len positions) + the head MLP. Elementwise products (DIN's k * q, a * v) count as
+    multiply-adds; embedding lookups, softmax, top-k and sums cost none. None for a model that is not a
+    neural CTRModel (gbdt). `params` (the `model` section or the whole dict; optional): the params the model
+    was built with, checked against it (topk, short_len) so a count is never of other lengths than given."""
+    from twinv2.models.base import CTRModel, TwoStage
+    from twinv2.models.din import DIN
+    from twinv2.models.eta import ETA
+    from twinv2.models.sdim import SDIM
+    from twinv2.models.sim import SIMSoft
+    from twinv2.models.twin import TWIN
+
+    if not isinstance(model, CTRModel):
+        return None
+    mp = (params or {}).get("model", params or {})
+    for key, have in (("topk", model.topk), ("short_len", model.short_len)):
+        if key in mp and int(mp[key]) != have:
+            raise ValueError(f"macs_per_candidate: the {model.name} model was built with {key} {have}, params "
+                             f"model.{key} is {mp[key]!r}; pass the params the model was built with")
+    k, S, L = model.topk, model.short_len, model.long_len
+    kk = min(k, L)
+    f = model.features
+    d_kc = f.d_h + f.n_cross * f.cross_dim                                  # [K_h, K_c] width
+    macs = _attention_macs(model.short, 0, S) + _linear_macs(model.head)
+    if model.long_source == "none":
+        return int(macs)
+    if isinstance(model, TWIN):                                             # TWIN / TWIN-V2: one module, 2 stages
+        macs += _attention_macs(model.long_attn, L, kk)
+    elif isinstance(model, TwoStage):                                       # own GSU, then the ESU on k'
+        macs += _attention_macs(model.long_attn, 0, kk)
+        if isinstance(model, SIMSoft):                                      # e'_i . e'_q and the pooled side input
+            macs += 2 * L * model.soft.embedding_dim
+        elif isinstance(model, ETA):                                        # SimHash of the L behaviours + target
+            macs += (L + 1) * model.planes.shape[0] * model.planes.shape[1]
+    elif isinstance(model, SDIM):                                           # hashes, then bucket sums per hash
+        macs += (L + 1) * model.planes.shape[0] * model.planes.shape[1] + L * model.m * d_kc
+    elif isinstance(model, DIN):                                            # activation unit + values per position
+        macs += L * (_linear_macs(model.activation) + f.d_h + _linear_macs(model.w_v) + model.w_v.out_features)
+    # AvgPool: a masked mean, no multiply-add
+    return int(macs)
+
+
+def model_macs(run: Path) -> int | None:
+    """macs_per_candidate of a trained run's model (None for gbdt or an unreadable run)."""
+    try:
+        cfg = read_json(run / "config.json")
+        if cfg.get("model") == "gbdt":
+            return None
+        from twinv2.training.scoring import load_run_model
+
+        model, _, _ = load_run_model(run)
+        return macs_per_candidate(model)
+    except Exception:  # noqa: BLE001 - a measurement, never a failure of the cell
+        return None
 
 
 def run_cell(data: str | Path, out: str | Path, cell: dict, track: tuple[dict, str] | None = None) -> dict:
@@ -516,12 +601,19 @@ def tables(records: list[dict], st: dict, models: list[str], variants: list[str]
                           ("ranking", "ild"))}
         t["diversity"].append({"model": m, **{f"{a}.{b}": v for (a, b), v in vals.items()}})
         t["cost"].append({"model": m, **{k: mean_std(list(_by(records, m, default,
-                                                              lambda r, k=k: r["cost"].get(k)).values()))
+                                                              lambda r, k=k: _cost(r, k)).values()))
                                          for k in ("train_s", "samples_per_s", "evaluate_s", "peak_rss_mb",
-                                                   "gsu_positions")},
+                                                   "gsu_positions", "macs_per_candidate")},
                           "epochs_run": mean_std(list(_by(records, m, default,
                                                           lambda r: r["train"].get("epochs_run")).values()))})
     return t
+
+
+def _cost(r: dict, k: str):
+    """A cost of a cell record; macs_per_candidate of a cell done before it was recorded: from its run."""
+    if k == "macs_per_candidate" and k not in r["cost"] and r.get("run_dir") and r.get("model") != "gbdt":
+        r["cost"][k] = model_macs(Path(r["run_dir"]))
+    return r["cost"].get(k)
 
 
 def _m(pair, nd=4) -> str:
@@ -575,12 +667,14 @@ def markdown(t: dict, st: dict, meta: dict, clusters: list[dict]) -> str:
         L.append(f"| {r['model']} | {_m(r['retrieval.distinct_categories'], 2)} | {_m(r['retrieval.entropy'], 3)} | "
                  f"{_m(r['ranking.coverage'], 3)} | {_m(r['ranking.ild'], 3)} |")
     L += ["", "## 5. Cost", "",
-          "| model | GSU positions / candidate (max) | train s | training samples/s | evaluate s | peak RSS MB | "
-          "epochs run (gbdt: trees) |", "|---|---|---|---|---|---|---|"]
+          "| model | GSU positions / candidate (max) | multiply-adds / candidate | train s | training samples/s | "
+          "evaluate s | peak RSS MB | epochs run (gbdt: trees) |", "|---|---|---|---|---|---|---|---|"]
     for r in t["cost"]:
         gsu = "none" if r["gsu_positions"][0] is None else f"{r['gsu_positions'][0]:.0f}"
-        L.append(f"| {r['model']} | {gsu} | {_m(r['train_s'], 1)} | {_m(r['samples_per_s'], 0)} | {_m(r['evaluate_s'], 1)} | "
-                 f"{_m(r['peak_rss_mb'], 0)} | {_m(r['epochs_run'], 1)} |")
+        macs = r.get("macs_per_candidate", (None, None))[0]
+        macs = "none" if macs is None else f"{macs:,.0f}"
+        L.append(f"| {r['model']} | {gsu} | {macs} | {_m(r['train_s'], 1)} | {_m(r['samples_per_s'], 0)} | "
+                 f"{_m(r['evaluate_s'], 1)} | {_m(r['peak_rss_mb'], 0)} | {_m(r['epochs_run'], 1)} |")
     L += ["", "Cluster versions (offline clustering; seconds as measured when the version was built):", "",
           "| variants | version | behaviours | clusters | compression | clustering s per 10^6 behaviours |",
           "|---|---|---|---|---|---|"]

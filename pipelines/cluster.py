@@ -41,6 +41,15 @@ from twinv2.io import atomic_dir, read_json, write_json
 EMB_FILE = "embeddings.npz"
 # parameters that change how a version is computed, never what it holds: left out of its name
 EXECUTION_ONLY = {"n_jobs", "chunk_rows", "finalize_last_shard", "n_shards", "progress"}
+# switches added after versions existed: at their default (today's behaviour) they are left out of the name,
+# so a version built before the switch keeps its name (the manifest records every param)
+NAME_DEFAULTS = {"virtual_ids": "nearest", "method": "hierarchical"}
+
+
+def name_params(P: dict) -> dict:
+    """The cluster params that name a version."""
+    return {k: v for k, v in P.items()
+            if k not in EXECUTION_ONLY and not (k in NAME_DEFAULTS and v == NAME_DEFAULTS[k])}
 
 
 # ---------------------------------------------------------------- inputs
@@ -159,8 +168,10 @@ def _merge_stats(stats: list[dict]) -> dict:
         for k, v in st.items():
             if k == "max_cluster_size":
                 out[k] = max(out.get(k, 0), v)
-            elif k == "size_hist":
-                out[k] = (np.asarray(out.get(k, np.zeros(len(v), np.int64))) + np.asarray(v)).tolist()
+            elif k == "size_hist":                                       # sizes 1..; flat: beyond gamma
+                a, b = np.asarray(out.get(k, []), np.int64), np.asarray(v, np.int64)
+                n = max(len(a), len(b))
+                out[k] = (np.pad(a, (0, n - len(a))) + np.pad(b, (0, n - len(b)))).tolist()
             else:
                 out[k] = out.get(k, 0) + v
     return out
@@ -237,6 +248,13 @@ def run(data, incremental: bool = False, shard: str | None = None, params: dict 
     t0 = time.time()
     params = params or load_params()
     P = params["cluster"]
+    C.virtual_ids(P)                                                     # clear errors before any work
+    if incremental:
+        from twinv2.clustering.incremental import check_incremental
+
+        check_incremental(P)
+    else:
+        C.cluster_method(P)
     data = Path(data)
     val, meta = _validated(data)
     shard_t = parse_shard(shard)
@@ -284,7 +302,7 @@ def run(data, incremental: bool = False, shard: str | None = None, params: dict 
 
     rebuild_all = bool(incremental and base_manifest["embedding"]["version"] != emb.version)
     ident = {"W": W, "data": dv, "embedding": emb.version,
-             "params": {k: v for k, v in P.items() if k not in EXECUTION_ONLY},
+             "params": name_params(P),
              "base": base_dir.name if base_dir is not None else None}
     version = f"w{W}-{_digest(ident)[:10]}"
     manifest = {"version": version, "watermark": W, "params": P, "data_version": dv,

@@ -10,8 +10,8 @@ import pyarrow as pa
 
 from twinv2.clustering.embeddings import ById, ItemEmbedding
 from twinv2.clustering.grouping import completion, group_of
-from twinv2.clustering.hierarchical import cluster_behaviours
-from twinv2.clustering.virtual_items import virtual_items
+from twinv2.clustering.hierarchical import check_method, cluster_behaviours
+from twinv2.clustering.virtual_items import check_rule, virtual_items
 from twinv2.data.schema import OPTIONAL_BEHAVIOR_COLUMNS
 
 BEHAVIOUR_COLUMNS = ["user_id", "item_id", "ts", "play_ms", "duration_ms"]
@@ -70,17 +70,32 @@ def cluster_chunk(beh: dict[str, np.ndarray], emb: ItemEmbedding, cat: Catalogue
     """Full clustering of the users of one chunk. Returns (cluster columns, cluster_id per behaviour)."""
     X = emb.lookup(beh["item_id"])                                               # (n, d)
     cid = cluster_behaviours(X, beh["user_id"], beh["group"], int(P["gamma"]), float(P["exponent"]),
-                             int(P["kmeans_iters"]), int(P["seed"]))
-    return vitems(beh, cid, X, cat, cross), cid
+                             int(P["kmeans_iters"]), int(P["seed"]), method=cluster_method(P))
+    return vitems(beh, cid, X, cat, cross, P=P), cid
 
 
-def vitems(beh, cid, X, cat: Catalogue, cross, rows: np.ndarray | None = None) -> dict:
-    """Virtual items of the clusters of `rows` (default all) of a chunk."""
+def cluster_method(P: dict) -> str:
+    """params cluster.method (hierarchical | flat), checked."""
+    return check_method(P.get("method", "hierarchical"))
+
+
+def virtual_ids(P: dict | None) -> tuple[str, int]:
+    """params cluster.virtual_ids (nearest | random | majority), checked, and the seed of rule random."""
+    if P is None:
+        return "nearest", 0
+    return check_rule(P.get("virtual_ids", "nearest")), int(P.get("seed", 0))
+
+
+def vitems(beh, cid, X, cat: Catalogue, cross, rows: np.ndarray | None = None, P: dict | None = None) -> dict:
+    """Virtual items of the clusters of `rows` (default all) of a chunk; P: the `cluster` params
+    (virtual_ids, seed; None: the paper's nearest member)."""
     r = slice(None) if rows is None else rows
     author, category = cat.lookup(beh["item_id"][r])
+    rule, seed = virtual_ids(P)
     return virtual_items(beh["user_id"][r], cid[r], beh["group"][r], X if rows is None else X[rows],
                          {k: v[r] for k, v in numeric_of(beh, cross).items()},
-                         {"item_id": beh["item_id"][r], "author_id": author, "category": category})
+                         {"item_id": beh["item_id"][r], "author_id": author, "category": category},
+                         rule=rule, seed=seed)
 
 
 def cluster_table(cl: dict, cross: list[str]) -> pa.Table:

@@ -6,7 +6,12 @@ all the others are split together by `kmeans_level` (one batched k-means for the
 node's run is reordered by part label so that its children are contiguous runs again.
 
     cluster_sets(X, root, gamma, exponent, iters, keys)   any root sets (e.g. (user, group) pairs)
+    flat_sets(X, root, k, keys, iters)                    one k-means level of k[r] parts per root set
     cluster_behaviours(X, user, group, params)            per user and completion group
+
+params `cluster.method`: hierarchical (default, the paper) | flat, the "flat k-means" ablation: each root set
+gets ONE k-means level whose k is the number of clusters the hierarchical method makes of that root set
+(so every user keeps the same number of clusters), parts are not split further and may exceed gamma.
 """
 from __future__ import annotations
 
@@ -14,6 +19,15 @@ import numpy as np
 
 from twinv2.clustering.kmeans import (child_keys, fallback_labels, is_degenerate, kmeans_level, n_parts,
                                       root_keys)
+
+METHODS = ("hierarchical", "flat")
+
+
+def check_method(method) -> str:
+    if method not in METHODS:
+        raise ValueError(f"params cluster.method must be one of {' | '.join(METHODS)} (recursive k-means, or one "
+                         f"k-means level with as many clusters per user), got {method!r}")
+    return method
 
 
 def cluster_sets(X: np.ndarray, root: np.ndarray, gamma: int, exponent: float, iters: int,
@@ -85,11 +99,53 @@ def _ranges(start: np.ndarray, size: np.ndarray) -> np.ndarray:
     return base + np.arange(total)
 
 
+def flat_sets(X: np.ndarray, root: np.ndarray, k: np.ndarray, root_key: np.ndarray, iters: int) -> np.ndarray:
+    """One k-means level per root set with exactly k[r] non-empty parts (k[r] <= the set's size).
+
+    X: (n, d) float32; root: (n,) int64 root-set ids 0..R-1; k, root_key: (R,). Returns leaf (n,) int64
+    numbered 0.. in the order (root, part label), each root's parts a contiguous id range. The batched
+    k-means of kmeans.py runs on every root with k >= 2 at once; where it leaves parts empty (e.g. identical
+    points), the largest part (ties: the lowest label) is cut in two along its principal axis
+    (fallback_labels; identical points in input order) until all k[r] parts are used."""
+    n = len(X)
+    leaf = np.full(n, -1, np.int64)
+    if n == 0:
+        return leaf
+    k = np.asarray(k, np.int64)
+    R = len(k)
+    perm = np.argsort(root, kind="stable")                                   # points by root, in input order
+    size = np.bincount(root, minlength=R).astype(np.int64)
+    if (k < 1).any() or (k > size).any():
+        raise ValueError("flat_sets: every root needs 1 <= k <= its number of points")
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    lab = np.zeros(n, np.int64)                                              # label of perm[i]
+    split = np.flatnonzero(k >= 2)
+    if len(split):
+        pos = _ranges(start[split], size[split])
+        lab[pos] = kmeans_level(X[perm[pos]], size[split], k[split], np.asarray(root_key, np.uint64)[split], iters)
+        for r in split:
+            rows = slice(int(start[r]), int(start[r] + size[r]))
+            lr = lab[rows]
+            counts = np.bincount(lr, minlength=int(k[r]))
+            while (counts == 0).any():                                       # empty parts: cut the largest
+                big = int(np.argmax(counts))
+                members = np.flatnonzero(lr == big)
+                half = fallback_labels(X[perm[rows][members]], 2)
+                lr[members[half == 1]] = int(np.flatnonzero(counts == 0)[0])
+                counts = np.bincount(lr, minlength=int(k[r]))
+            lab[rows] = lr
+    offset = np.concatenate([[0], np.cumsum(k)[:-1]])
+    leaf[perm] = offset[root[perm]] + lab
+    return leaf
+
+
 def cluster_behaviours(X: np.ndarray, user: np.ndarray, group: np.ndarray, gamma: int, exponent: float,
-                       iters: int, seed: int) -> np.ndarray:
+                       iters: int, seed: int, method: str = "hierarchical") -> np.ndarray:
     """(n,) int32 cluster id of each behaviour, unique per user (0..c_u-1), never mixing groups.
 
-    X: (n, d) float32 embeddings; user: (n,) int64 user ids; group: (n,) int8 completion groups."""
+    X: (n, d) float32 embeddings; user: (n,) int64 user ids; group: (n,) int8 completion groups;
+    method: hierarchical | flat (params cluster.method, module doc)."""
+    check_method(method)
     user = np.asarray(user, np.int64)
     group = np.asarray(group, np.int64)
     # root sets = (user, group) pairs, numbered in (user, group) order; 1-D integer keys (np.unique with
@@ -99,8 +155,13 @@ def cluster_behaviours(X: np.ndarray, user: np.ndarray, group: np.ndarray, gamma
     n_g = int(group.max()) - g_lo + 1 if len(group) else 1
     pair_key, root = np.unique(uinv.reshape(-1) * n_g + (group - g_lo), return_inverse=True)
     root = root.reshape(-1)
-    leaf = cluster_sets(X, root, gamma, exponent, iters,
-                        root_keys(seed, users[pair_key // n_g], pair_key % n_g + g_lo))
+    keys = root_keys(seed, users[pair_key // n_g], pair_key % n_g + g_lo)
+    leaf = cluster_sets(X, root, gamma, exponent, iters, keys)
+    if method == "flat" and len(leaf):
+        first_row = np.empty(int(leaf.max()) + 1, np.int64)
+        first_row[leaf[::-1]] = np.arange(len(leaf))[::-1]
+        k = np.bincount(root[first_row], minlength=len(pair_key))          # hierarchical clusters per root
+        leaf = flat_sets(X, root, k, keys, iters)
     return per_user_ids(user, leaf)
 
 

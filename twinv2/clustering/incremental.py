@@ -11,8 +11,9 @@ Per user of a chunk (behaviours with ts < W_new, sorted by ts; the old ones are 
         c' = (n c + m xbar) / (n + m),   f' = (n f + sum f_new) / (n + m)   for every numeric feature,
         sse' = sse + n ||c - c'||^2 + sum ||x_new - c'||^2                  (parallel-axis theorem),
     its representative (item_id, author_id, category) is re-chosen as the member nearest c' (a new member
-    takes over when it is nearer), and a cluster grown past gamma is re-split with the same recursive
-    procedure as a full run.
+    takes over when it is nearer; with cluster.virtual_ids random | majority: by that rule over all its
+    members, as a full run would), and a cluster grown past gamma is re-split with the same recursive
+    procedure as a full run. cluster.method flat is not supported here (a clear error: run a full clustering).
 The output satisfies the invariants of a full run: every behaviour before W_new in exactly one cluster,
 sizes <= gamma, one group per cluster, means equal to the members' means.
 """
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from twinv2.clustering.chunk import Catalogue, numeric_of, vitems
+from twinv2.clustering.chunk import Catalogue, cluster_method, numeric_of, virtual_ids, vitems
 from twinv2.clustering.embeddings import ItemEmbedding
 from twinv2.clustering.hierarchical import cluster_behaviours, cluster_sets
 from twinv2.clustering.kmeans import root_keys
+from twinv2.clustering.virtual_items import pick_ids
 from twinv2.data.store import run_starts
 
 _RESPLIT_SALT = 0x5EED
@@ -35,6 +37,8 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
     """beh: behaviours of complete users (ts < W_new), sorted by (user, ts); old: the users' cluster
     columns in the base version; old_m: their members (user_id, ts, item_id, cluster_id), same order.
     Returns (cluster columns, cluster id per behaviour, counts)."""
+    check_incremental(P)
+    rule, rule_seed = virtual_ids(P)
     user, ts = beh["user_id"], beh["ts"]
     if len(user) and (user[1:] < user[:-1]).any():
         raise ValueError("update_chunk: behaviours must be sorted by (user_id, ts)")
@@ -146,12 +150,22 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
             r_s, d_s = r_mem[order], dist[order]
             starts = run_starts(r_s)
             d_min = np.repeat(np.minimum.reduceat(d_s, starts), np.diff(np.r_[starts, len(d_s)]))
-            at_min = np.flatnonzero(d_s == d_min)
-            first = at_min[run_starts(r_s[at_min])]                           # earliest member at the min
-            best, r_best = mem[order][first], r_s[first]
-            old["item_id"][r_best] = beh["item_id"][best]
-            a, c = cat.lookup(beh["item_id"][best])
-            old["author_id"][r_best], old["category"][r_best] = a, c
+            if rule == "nearest":
+                at_min = np.flatnonzero(d_s == d_min)
+                first = at_min[run_starts(r_s[at_min])]                       # earliest member at the min
+                best, r_best = mem[order][first], r_s[first]
+                old["item_id"][r_best] = beh["item_id"][best]
+                a, c = cat.lookup(beh["item_id"][best])
+                old["author_id"][r_best], old["category"][r_best] = a, c
+            else:                                                            # random | majority: all members
+                m_s = mem[order]
+                gid = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(r_s)]))
+                a, c = cat.lookup(beh["item_id"][m_s])
+                r_best = r_s[starts]
+                got = pick_ids({"item_id": beh["item_id"][m_s], "author_id": a, "category": c}, gid, starts,
+                               d_s, rule, old["user_id"][r_best], old["cluster_id"][r_best], rule_seed)
+                for k, v in got.items():
+                    old[k][r_best] = v
 
     # re-splits and new groups: one batched recursive clustering over all of them
     if split_rows:
@@ -174,7 +188,7 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
         new_id[order] = np.repeat(base, counts) + np.arange(len(lu)) - np.repeat(starts, counts)
         cid[rows] = new_id[leaf]
         next_id.update(zip(lu[starts].tolist(), (base + counts).tolist()))
-        new_parts.append(_vitems_rows(beh, cid, emb, cat, cross, rows))
+        new_parts.append(_vitems_rows(beh, cid, emb, cat, cross, rows, P))
     if rebuild_rows:
         rows = np.concatenate(rebuild_rows)
         X = emb.lookup(beh["item_id"][rows])
@@ -182,7 +196,7 @@ def update_chunk(beh: dict, old: dict, old_m: dict, emb: ItemEmbedding, cat: Cat
         c_sub = cluster_behaviours(X, sub["user_id"], sub["group"], gamma, float(P["exponent"]),
                                    int(P["kmeans_iters"]), int(P["seed"]))
         cid[rows] = c_sub
-        new_parts.append(vitems(sub, c_sub, X, cat, cross))
+        new_parts.append(vitems(sub, c_sub, X, cat, cross, P=P))
     kept = {k: v[keep_old] for k, v in old.items()}
     parts = [p for p in [kept, *new_parts] if len(p["user_id"])] or [kept]
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -211,7 +225,16 @@ def _old_rows(upd_users: list[tuple], cid: np.ndarray, old_cid: np.ndarray) -> t
     return np.concatenate(rows), np.concatenate(r_of)
 
 
-def _vitems_rows(beh, cid, emb, cat, cross, rows):
+def _vitems_rows(beh, cid, emb, cat, cross, rows, P=None):
     X = emb.lookup(beh["item_id"][rows])
     sub = {k: v[rows] for k, v in beh.items()}
-    return vitems(sub, cid[rows].astype(np.int32), X, cat, cross)
+    return vitems(sub, cid[rows].astype(np.int32), X, cat, cross, P=P)
+
+
+def check_incremental(P: dict) -> None:
+    """The cluster params an incremental update supports: cluster.method hierarchical only."""
+    method = cluster_method(P)
+    if method != "hierarchical":
+        raise ValueError(f"params cluster.method is {method!r}: incremental clustering (`twinv2 cluster "
+                         f"--incremental`) supports only cluster.method: hierarchical (it re-splits clusters "
+                         f"grown past gamma); run a full `twinv2 cluster` for the flat ablation")

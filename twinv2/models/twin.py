@@ -19,8 +19,12 @@ class TWIN(CTRModel):
 
     def __init__(self, vocab: dict, p: dict, long_len: int | None = None):
         super().__init__(vocab, p, p["twin_window"] if long_len is None else long_len)
-        self.long_attn = self.attention(p, use_log_n=self.use_log_n)
+        self.long_attn = self.attention(p, use_log_n=self.log_n_switch(p))
         self._make_head(p, self.long_attn.out_dim)
+
+    def log_n_switch(self, p: dict) -> bool:
+        """Whether alpha' adds ln n (cluster size): the class's `use_log_n` (TWIN: never)."""
+        return self.use_log_n
 
     def long_interest(self, q_kh: torch.Tensor, batch: dict) -> torch.Tensor:
         long = batch["long"]

@@ -1,0 +1,111 @@
+"""The benchmark's paper ablations (no_log_n, flat, vi_random, vi_majority) and the cost table's
+multiply-adds per candidate, without training anything (the end-to-end run is test_benchmark.py)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from pipelines import benchmark
+
+NEW = {"no_log_n": {"model.log_n": False}, "flat": {"cluster.method": "flat"},
+       "vi_random": {"cluster.virtual_ids": "random"}, "vi_majority": {"cluster.virtual_ids": "majority"}}
+
+
+def test_ablation_variants_exist_but_do_not_run_by_default(params):
+    st = benchmark.settings(params)
+    for name, ov in NEW.items():
+        assert st["variants"][name] == ov
+        assert name not in st["run_variants"]
+    assert params["model"]["log_n"] is True
+    assert params["cluster"]["method"] == "hierarchical" and params["cluster"]["virtual_ids"] == "nearest"
+    default_run = {c["variant"] for c in benchmark.plan(params, models="twinv2", seeds=1)}
+    assert not default_run & set(NEW)
+    asked = benchmark.plan(params, models="twinv2", seeds=1, variants=",".join(NEW))
+    assert [c["variant"] for c in asked] == ["default", *NEW]
+
+
+def test_switches_at_their_default_keep_a_cell_key(params):
+    """A cell computed before the switches existed (no such keys) stays done; a non-default value is
+    another cell."""
+    old = copy.deepcopy(params)
+    del old["model"]["log_n"], old["cluster"]["method"], old["cluster"]["virtual_ids"]
+    assert benchmark.cell_key("twinv2", old) == benchmark.cell_key("twinv2", params)
+    for ov in NEW.values():
+        other = benchmark.load_params_from(params, ov)
+        assert benchmark.cell_key("twinv2", other) != benchmark.cell_key("twinv2", params), ov
+
+
+def test_cluster_version_name_ignores_default_switches():
+    from pipelines.cluster import name_params
+
+    P = {"gamma": 20, "seed": 0, "n_jobs": 2}
+    assert name_params({**P, "method": "hierarchical", "virtual_ids": "nearest"}) == {"gamma": 20, "seed": 0}
+    assert name_params({**P, "method": "flat"})["method"] == "flat"
+    assert name_params({**P, "virtual_ids": "random"})["virtual_ids"] == "random"
+
+
+def _record(model, seed, macs, **cost):
+    return {"model": model, "variant": "default", "seed": seed, "run_dir": f"/nonexistent/{model}/{seed}",
+            "metrics": {"auc": 0.7, "gauc": 0.6, "logloss": 0.5, "oracle_gap": 0.1, "by_group": [],
+                        "diversity": {}},
+            "train": {"epochs_run": 2},
+            "cost": {"train_s": 1.0, "samples_per_s": 10.0, "evaluate_s": 1.0, "peak_rss_mb": 100.0,
+                     "gsu_positions": 300, **({} if macs is None else {"macs_per_candidate": macs}), **cost}}
+
+
+def test_cost_table_has_macs_per_candidate(params, monkeypatch):
+    st = benchmark.settings(params)
+    seen = []
+
+    def fake(run):                                   # a cell done before the column existed: from its run
+        seen.append(str(run))
+        return 2_000
+
+    monkeypatch.setattr(benchmark, "model_macs", fake)
+    records = [_record("twinv2", 0, 2_813_440), _record("twinv2", 1, 2_813_440), _record("twin", 0, None)]
+    t = benchmark.tables(records, st, ["twinv2", "twin"], ["default"])
+    cost = {r["model"]: r for r in t["cost"]}
+    assert cost["twinv2"]["macs_per_candidate"] == (2_813_440, 0.0)
+    assert cost["twin"]["macs_per_candidate"] == (2_000, None) and seen == ["/nonexistent/twin/0"]
+    meta = {"command": "twinv2 benchmark", "git_commit": "abc", "date": "now", "data": "d", "n_cells": 3,
+            "models": ["twinv2", "twin"], "variants": ["default"], "seeds": [0, 1]}
+    md = benchmark.markdown(t, st, meta, [])
+    cost_md = md.split("## 5. Cost")[1]
+    header = next(line for line in cost_md.splitlines() if line.startswith("| model |"))
+    col = [c.strip() for c in header.split("|")].index("multiply-adds / candidate")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")]
+            for line in cost_md.splitlines() if line.startswith("| twin")}
+    assert rows["twinv2"][col] == "2,813,440" and rows["twin"][col] == "2,000"
+
+
+def test_model_macs_of_gbdt_or_a_missing_run_is_none(tmp_path):
+    from twinv2.io import write_json
+
+    assert benchmark.model_macs(tmp_path / "absent") is None
+    write_json(tmp_path / "config.json", {"model": "gbdt"})
+    assert benchmark.model_macs(tmp_path) is None
+
+
+@pytest.mark.parametrize("name", ["twinv2", "twin"])
+def test_model_macs_reads_a_saved_run(tmp_path, name, monkeypatch):
+    """model_macs builds the run's model from config.json, vocab.npz and model.pt, as evaluation does."""
+    import torch
+
+    from tests.models.conftest import SMALL, VOCAB
+    from twinv2.io import write_json
+    from twinv2.models import build_model
+    from twinv2.training import scoring
+
+    m = build_model(name, VOCAB, {"model": SMALL})
+    torch.save(m.state_dict(), tmp_path / "model.pt")
+    write_json(tmp_path / "config.json", {"model": name, "params": {"model": SMALL}})
+    (tmp_path / "vocab.npz").write_bytes(b"")
+
+    class FakeVocab:                                  # the sizes the model was built with
+        @staticmethod
+        def load(path):
+            return type("Vocab", (), {"sizes": staticmethod(lambda: VOCAB)})()
+
+    monkeypatch.setattr(scoring, "Vocab", FakeVocab)
+    assert benchmark.model_macs(tmp_path) == benchmark.macs_per_candidate(m) > 0
