@@ -42,7 +42,10 @@ ROWS = {
     "pop_cooc_counts": {**PAPER, **COUNTS},
     "freeze_item": {**PAPER, **COUNTS, "model.frozen_tables": ["item"]},
     "freeze_item_author": {**PAPER, **COUNTS, "model.frozen_tables": ["item", "author"]},
-    "default": {},                                                          # params.yaml as committed (+ gap rows)
+    "default": {},                                                          # params.yaml as committed
+    "no_mix": {"model.virtual_mix": 0},                                     # default, paper's nearest-member ids
+    "no_stats": {"model.target_stats": False},                              # default without the target stats
+    "no_mix_no_stats": {"model.virtual_mix": 0, "model.target_stats": False},   # the default before both
     "item_bias": {"model.item_bias": True},
 }
 

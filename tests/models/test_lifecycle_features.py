@@ -147,60 +147,22 @@ def test_counts_before_with_completion_equal_a_loop():
         assert abs(csum[k] - np.minimum(comp[sel], 1.0).sum()) < 1e-4
 
 
-def _with_mix(batch, J=3, seed=0):
-    """Virtual-item mixes on the long part: J ids per row with member counts and completion sums (padding 0)."""
-    g = torch.Generator().manual_seed(seed)
-    long = batch["long"]
-    m = long["mask"].unsqueeze(-1)
-    for f in FIELDS:
-        ids = torch.randint(1, VOCAB[f], long["mask"].shape + (J,), generator=g)
-        ids[..., 0] = long[f]                                          # slot 0: the representative's id
-        ids[:, ::2, 1] = batch["target"][f].unsqueeze(1)              # plant target matches in slot 1
-        n = torch.randint(0, 5, ids.shape, generator=g).float()
-        long[f"mix_{f}"] = ids * m
-        long[f"mix_{f}_n"] = n * m
-        long[f"mix_{f}_c"] = n * torch.rand(ids.shape, generator=g) * m
-    return batch
-
-
-def _naive_mix_counts(seq, target, fields):
-    """The match counts of a sequence with mixes, one sample, one row, one slot at a time."""
-    B, L = seq["mask"].shape
-    out = []
-    for b in range(B):
-        N = sum(math.exp(float(seq["log_n"][b, i])) for i in range(L) if seq["mask"][b, i])
-        P = sum(math.exp(float(seq["log_n"][b, i])) * float(seq["comp"][b, i]) for i in range(L) if seq["mask"][b, i])
-        C, D = [], []
-        for f in fields:
-            c = d = 0.0
-            for i in range(L):
-                for j in range(seq[f"mix_{f}"].shape[2]):
-                    if seq["mask"][b, i] and int(seq[f"mix_{f}"][b, i, j]) == int(target[f][b]):
-                        c += float(seq[f"mix_{f}_n"][b, i, j])
-                        d += float(seq[f"mix_{f}_c"][b, i, j])
-            C.append(c)
-            D.append(d)
-        row = [math.log1p(x) for x in C] + [x / N if N else 0.0 for x in C]
-        row += [math.log1p(x) for x in D] + [x / P if P else 0.0 for x in D]
-        out.append(row + [math.log1p(N), P / max(N, 1.0)])
-    return torch.tensor(out)
-
-
-def test_match_counts_with_virtual_item_mixes_equal_a_loop():
-    batch = _with_mix(_with_pop(make_batch(B=5, L=9, long_lens=[9, 0, 2, 5, 1], seed=4, clusters=True), 4), J=3)
-    got = match_counts(batch["long"], batch["target"], FIELDS)
-    torch.testing.assert_close(got, _naive_mix_counts(batch["long"], batch["target"], FIELDS), rtol=1e-5, atol=1e-5)
-    assert got[1].abs().sum() == 0
-    # the mixes are what is counted: the representative-only counts differ
-    plain = {k: v for k, v in batch["long"].items() if not k.startswith("mix_")}
-    assert not torch.allclose(got, match_counts(plain, batch["target"], FIELDS))
-
-
-@settings(max_examples=20, deadline=None)
-@given(lens=st.lists(st.integers(0, 10), min_size=3, max_size=3), extra=st.integers(1, 5), seed=st.integers(0, 50))
-def test_twinv2_with_mixes_is_invariant_to_padding(lens, extra, seed):
-    torch.manual_seed(seed)
-    model = build_model("twinv2", VOCAB_POP, {**LEVERS, "virtual_mix": 3}).eval()
-    batch = _with_mix(_with_pop(make_batch(B=3, L=10, long_lens=lens, seed=seed, clusters=True), seed), J=3, seed=seed)
+def test_twinv2_with_virtual_mix_reads_the_life_counts():
+    """virtual_mix: the long part's counts come from batch["life"] (samples.LifeCounts), not from the long
+    sequence; a batch without them is refused; padding the long sequence changes nothing."""
+    torch.manual_seed(0)
+    model = build_model("twinv2", VOCAB_POP, {**LEVERS, "virtual_mix": 4}).eval()
+    batch = _with_pop(make_batch(B=4, L=10, long_lens=[10, 0, 3, 7], seed=2, clusters=True), 2)
+    with pytest.raises(ValueError, match="life"):
+        model(batch)
+    batch["life"] = torch.rand(4, 4 * len(FIELDS) + 2, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(model(batch), model(pad_to(batch, "long", 10 + extra)), rtol=1e-5, atol=1e-5)
+        base = model(batch)
+        assert not torch.allclose(base, model(dict(batch, life=batch["life"] + 1)))
+        torch.testing.assert_close(base, model(pad_to(batch, "long", 14)), rtol=1e-5, atol=1e-5)
+        long = dict(batch["long"], category=batch["long"]["category"].clone())
+        long["category"][:, :3] = batch["target"]["category"].unsqueeze(1) * long["mask"][:, :3]
+        changed = model(dict(batch, long=long))                 # attention still reads the sequence
+    assert not torch.allclose(base, changed)
+    with pytest.raises(ValueError, match="virtual_mix"):
+        build_model("twinv2", VOCAB_POP, {**LEVERS, "virtual_mix": 4, "match_counts": ["category"]})

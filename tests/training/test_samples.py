@@ -252,30 +252,52 @@ def test_cluster_mix_equals_a_per_cluster_count(tmp_path, shuffle):
             np.testing.assert_allclose(mix[f][2][r], [c[k] for k in top] + [0] * (J - len(top)), rtol=1e-5)
 
 
-def test_mixes_with_the_gap_rows_count_the_whole_history_before_ts(tmp_path):
-    """With J >= the largest cluster and the watermark-gap rows, TWIN-V2's match counts over its long part are
-    exact counts over every behaviour of the user before the sample's ts (and none at or after it)."""
+@pytest.mark.parametrize("J,gap", [(1, True), (2, False), (None, True)])
+def test_life_counts_equal_a_loop_over_every_cluster_and_the_gap_rows(tmp_path, J, gap):
+    """virtual_mix: batch["life"] = match counts over ALL the user's clusters (their id mixes) plus the raw rows
+    in [W, ts), whatever the long window; with J >= the largest cluster that is every behaviour before ts."""
     from twinv2.models.base import match_counts
-    from twinv2.training.samples import cluster_mix
+    from twinv2.training.samples import MIX_FIELDS, cluster_mix
 
     items, beh, hist, imp = small_store(tmp_path, seed=6, max_len=60)
     W = 50 * DAY
     cl, mem = clusters_for(beh, W, items), members_for(beh, W)
     vocab = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
     cf, raw = cluster_features(cl, vocab), raw_features(hist, vocab)
-    J = int(cl["size"].max())
+    J = int(cl["size"].max()) if J is None else J
     cf.mix = cluster_mix(cf, mem, raw, vocab, J, W)
     imp = imp[imp.ts >= W].reset_index(drop=True)
-    ds = SampleSet(make_samples(imp, hist, vocab, cf, watermark=W), raw, vocab, "clusters", long_len=None,
-                   short_len=4, clusters=cf, watermark=W, watermark_gap=True, mix_slots=J)
+    ds = SampleSet(make_samples(imp, hist, vocab, cf, watermark=W), raw, vocab, "clusters", long_len=2,
+                   short_len=4, clusters=cf, watermark=W, watermark_gap=gap, mix_slots=J)
     b = ds[list(range(len(imp)))]
-    got = match_counts(b["long"], b["target"], ("category", "author", "item"))
-    assert len(imp) > 5
+    got = b["life"].numpy()
+    assert got.shape == (len(imp), 4 * 3 + 2) and len(imp) > 5
+    urow = np.repeat(cf.user_ids, np.diff(cf.offsets))
+    comp = (beh.play_ms / np.maximum(beh.duration_ms, 1)).astype(np.float32).to_numpy()
     for i, r in enumerate(imp.itertuples()):
-        h = beh[(beh.user_id == r.user_id) & (beh.ts < r.ts)]
-        ii = vocab.item_index(h.item_id.to_numpy())
         t = int(vocab.item_index(np.array([r.item_id]))[0])
-        want = [np.sum(vocab.item_category[ii] == vocab.item_category[t]),
-                np.sum(vocab.item_author[ii] == vocab.item_author[t]), np.sum(ii == t)]
-        np.testing.assert_allclose(got[i, :3].numpy(), np.log1p(want), rtol=1e-5)
-        np.testing.assert_allclose(got[i, -2].numpy(), np.log1p(len(h)), rtol=1e-5)
+        q = {"item": t, "author": vocab.item_author[t], "category": vocab.item_category[t]}
+        rows = np.flatnonzero(urow == r.user_id)
+        g = (beh.user_id == r.user_id) & (beh.ts >= W) & (beh.ts < r.ts) if gap else np.zeros(len(beh), bool)
+        gi = vocab.item_index(beh.item_id[g].to_numpy())
+        gids = {"item": gi, "author": vocab.item_author[gi], "category": vocab.item_category[gi]}
+        N = float(np.exp(cf.log_n[rows].astype(np.float64)).sum()) + g.sum()
+        P = float((np.exp(cf.log_n[rows].astype(np.float64)) * cf.comp[rows]).sum()) + comp[g].sum()
+        C, D = [], []
+        for f in MIX_FIELDS:
+            ids, n, c = cf.mix[f]
+            C.append(sum(float(n[k, j]) for k in rows for j in range(J) if ids[k, j] == q[f] and n[k, j] > 0)
+                     + float((gids[f] == q[f]).sum()))
+            D.append(sum(float(c[k, j]) for k in rows for j in range(J) if ids[k, j] == q[f] and n[k, j] > 0)
+                     + float(comp[g][gids[f] == q[f]].sum()))
+        C, D = np.array(C), np.array(D)
+        want = np.concatenate([np.log1p(C), C / max(N, 1e-6), np.log1p(D), D / max(P, 1e-6),
+                               [np.log1p(N), P / max(N, 1.0)]])
+        np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-5)
+        if J >= int(cl["size"].max()) and gap:      # exact: every behaviour before ts, none at or after it
+            h = beh[(beh.user_id == r.user_id) & (beh.ts < r.ts)]
+            hi = vocab.item_index(h.item_id.to_numpy())
+            exact = [np.sum(vocab.item_category[hi] == q["category"]), np.sum(vocab.item_author[hi] == q["author"]),
+                     np.sum(hi == t)]
+            np.testing.assert_allclose(got[i, :3], np.log1p(exact), rtol=1e-5)
+            np.testing.assert_allclose(got[i, -2], np.log1p(len(h)), rtol=1e-5)

@@ -37,7 +37,8 @@ class CTRModel(nn.Module):
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
         self.watermark_gap = bool(p.get("watermark_gap", False)) and self.long_source == "clusters"
-        # virtual_mix J: each cluster row carries its members' J most frequent ids per field (match_counts)
+        # virtual_mix J: the long part's match counts read every cluster's J most frequent member ids per field,
+        # over the user's whole life cycle (batch["life"], samples.LifeCounts)
         self.mix_slots = int(p.get("virtual_mix", 0) or 0) if self.long_source == "clusters" else 0
         self.check_inputs = True
 
@@ -52,6 +53,9 @@ class CTRModel(nn.Module):
         other = self.pop.embedding_dim if self.pop is not None else 0
         if self.count_fields:
             other += len(self.parts()) * (4 * len(self.count_fields) + 2)
+            if self.mix_slots and tuple(self.count_fields) != ("category", "author", "item"):
+                raise ValueError(f"model.virtual_mix counts category, author and item; model.match_counts is "
+                                 f"{list(self.count_fields)}: set it to [category, author, item] or virtual_mix: 0")
         if self.target_stats:
             other += 4
         self.head = MLP(self.features.d_h + self.short.out_dim + long_dim + other, list(p["mlp"]))
@@ -77,7 +81,13 @@ class CTRModel(nn.Module):
         if self.target_stats:
             x.append(batch["target"]["stats"])                   # (B, 4)
         for part in self.parts() if self.count_fields else ():
-            x.append(match_counts(batch[part], batch["target"], self.count_fields))   # (B, 2F+1)
+            if part == "long" and self.mix_slots:                   # whole life cycle (virtual_mix)
+                if "life" not in batch:
+                    raise ValueError("batch lacks 'life' (B, 14): this model has virtual_mix > 0 and counts its "
+                                     "long part over the whole life cycle (samples.SampleSet.life_counts)")
+                x.append(batch["life"])                              # (B, 4F+2), F = MIX_FIELDS
+            else:
+                x.append(match_counts(batch[part], batch["target"], self.count_fields))   # (B, 4F+2)
         logit = self.head(torch.cat([t.to(s.dtype) for t in x], dim=-1))
         if self.item_bias is not None:
             logit = logit + self.item_bias(batch["target"]["item"]).squeeze(-1).to(logit.dtype)
@@ -122,28 +132,18 @@ def match_counts(seq: dict, target: dict, fields: tuple[str, ...]) -> torch.Tens
         N = sum n_i,        C_f = sum n_i m_if          -> ln(1 + C_f), C_f / N     (F each)   ln(1 + N)
         P = sum n_i c_i,    D_f = sum n_i c_i m_if      -> ln(1 + D_f), D_f / P     (F each)   P / N
 
-    -> (B, 4F + 2). For clusters a row counts with its virtual item's ids and the members' mean completion,
-    or, where the sequence carries virtual-item mixes (mix_f (B, L, J) ids, mix_f_n member counts, mix_f_c
-    summed member completion; virtual_mix), with its members' J most frequent ids:
-        C_f = sum_i sum_j mix_f_n[i, j] [mix_f[i, j] == id_qf],   D_f likewise with mix_f_c."""
+    -> (B, 4F + 2). For clusters a row counts with its virtual item's ids and the members' mean completion.
+    (With virtual_mix, TWIN-V2's long part is counted over the whole life cycle instead: batch["life"],
+    samples.LifeCounts, the same 4F + 2 numbers over every cluster's member id mix plus the gap rows.)"""
     n = seq["log_n"].float().exp() * seq["mask"]                                        # (B, L)
     c = seq["comp"].float() if "comp" in seq else torch.ones_like(n)
-    N, P = n.sum(1, keepdim=True), (n * c).sum(1, keepdim=True)                          # (B, 1)
-    cnt = {"n": [], "c": []}
-    for f in fields:
-        q = target[f].view(-1, 1, 1)
-        if f"mix_{f}" in seq:
-            hit = (seq[f"mix_{f}"] == q).float()                                        # (B, L, J)
-            cnt["n"].append((hit * seq[f"mix_{f}_n"].float()).sum((1, 2)))              # (B,)
-            cnt["c"].append((hit * seq[f"mix_{f}_c"].float()).sum((1, 2)))
-        else:
-            m = (seq[f] == q[:, :, 0]).float()                                           # (B, L)
-            cnt["n"].append((n * m).sum(1))
-            cnt["c"].append((n * c * m).sum(1))
+    m = torch.stack([(seq[f] == target[f].unsqueeze(1)) for f in fields], dim=-1).float()   # (B, L, F)
     out = []
-    for key, tot in (("n", N), ("c", P)):
-        k = torch.stack(cnt[key], dim=-1)                                                # (B, F)
-        out += [torch.log1p(k), k / tot.clamp_min(1e-6)]
+    for w in (n, n * c):
+        tot = w.sum(1, keepdim=True)                                                     # (B, 1)
+        cnt = torch.einsum("bl,blf->bf", w, m)                                           # (B, F)
+        out += [torch.log1p(cnt), cnt / tot.clamp_min(1e-6)]
+    N, P = n.sum(1, keepdim=True), (n * c).sum(1, keepdim=True)
     out += [torch.log1p(N), P / N.clamp_min(1.0)]
     return torch.cat(out, dim=-1)
 

@@ -419,12 +419,10 @@ def make_samples(impressions: pd.DataFrame, hist: UserHistories, vocab: Vocab,
 
 
 def _gather(rows: RowFeatures, lo: np.ndarray, hi: np.ndarray, width: int | None, target_ts: np.ndarray,
-            vocab: Vocab, mix_slots: int = 0) -> dict[str, torch.Tensor]:
+            vocab: Vocab) -> dict[str, torch.Tensor]:
     """Rows [lo, hi) of each sample, the last `width` of them, left-aligned and padded at the end.
 
-    lo, hi: (B,) global row bounds. width None: as wide as the longest sample in the batch.
-    mix_slots J > 0 adds mix_<f>, mix_<f>_n, mix_<f>_c (B, W, J) for f in MIX_FIELDS: the store's mixes, or for
-    a store without them (raw behaviours) the row's own id in slot 0 with n = 1 and c = its completion."""
+    lo, hi: (B,) global row bounds. width None: as wide as the longest sample in the batch."""
     n = np.maximum(hi - lo, 0)
     if width is None:
         width = max(int(n.max()) if len(n) else 0, 1)
@@ -455,23 +453,6 @@ def _gather(rows: RowFeatures, lo: np.ndarray, hi: np.ndarray, width: int | None
     if rows.comp is not None:
         out["comp"] = torch.from_numpy(np.where(mask, rows.comp[safe], 0).astype(np.float32)
                                        if len(rows.item) else np.zeros(idx.shape, np.float32))
-    J = int(mix_slots)
-    for f in MIX_FIELDS if J > 0 else ():
-        if rows.mix is not None:
-            ids, n, c = rows.mix[f]
-            if ids.shape[1] != J:
-                raise ValueError(f"cluster mixes hold {ids.shape[1]} slots, the model reads {J} (virtual_mix)")
-            m3 = mask[..., None]
-            parts = [np.where(m3, a[safe], 0) if len(a) else np.zeros(idx.shape + (J,), a.dtype) for a in (ids, n, c)]
-        else:
-            parts = [np.zeros(idx.shape + (J,), np.int64), np.zeros(idx.shape + (J,), np.float32),
-                     np.zeros(idx.shape + (J,), np.float32)]
-            parts[0][..., 0] = take(getattr(rows, f))
-            parts[1][..., 0] = mask
-            parts[2][..., 0] = np.where(mask, rows.comp[safe], 0) if rows.comp is not None and len(rows.item) else mask
-        out[f"mix_{f}"] = torch.from_numpy(parts[0].astype(np.int64))
-        out[f"mix_{f}_n"] = torch.from_numpy(parts[1].astype(np.float32))
-        out[f"mix_{f}_c"] = torch.from_numpy(parts[2].astype(np.float32))
     return out
 
 
@@ -527,10 +508,13 @@ class SampleSet(torch.utils.data.Dataset):
         self.samples, self.raw, self.vocab = samples, raw, vocab
         self.long_source, self.short_len, self.clusters = long_source, int(short_len), clusters
         self.long_len = None if (long_len is None or int(long_len) <= 0) else int(long_len)
-        # virtual_mix: the long sequence of clusters carries each virtual item's id mix (cluster_mix)
+        # virtual_mix: the long part's match counts read every cluster's id mix, over the whole life cycle
         self.mix_slots = int(mix_slots) if long_source == "clusters" else 0
-        if self.mix_slots and clusters.mix is None:
-            raise ValueError("virtual_mix > 0 needs the cluster store's mixes (World.dataset attaches them)")
+        self.life = None
+        if self.mix_slots:
+            if clusters.mix is None:
+                raise ValueError("virtual_mix > 0 needs the cluster store's mixes (World.dataset attaches them)")
+            self.life = LifeCounts(clusters)
         # watermark_gap: the raw behaviours in [W, ts) follow the clusters in the long sequence as clusters of
         # size 1 (ln n = 0), so a sample reads its whole life cycle up to ts, not only up to W.
         self.gap_pos = None
@@ -551,15 +535,16 @@ class SampleSet(torch.utils.data.Dataset):
             batch["long"] = _gather(self.raw, lo, hi, self.long_len, ts, v)
         elif self.long_source == "clusters":
             clo, chi = _bounds(self.clusters, s.cidx[i], None)
-            J = self.mix_slots
             if self.gap_pos is None:
-                batch["long"] = _gather(self.clusters, clo, chi, self.long_len, ts, v, J)
+                batch["long"] = _gather(self.clusters, clo, chi, self.long_len, ts, v)
             else:
                 glo = np.where(s.uidx[i] >= 0, self.raw.offsets[np.maximum(s.uidx[i], 0)] +
                                self.gap_pos[np.maximum(s.uidx[i], 0)], 0)
                 glo = np.minimum(glo, hi)                                          # rows in [W, ts)
-                batch["long"] = _concat(_gather(self.clusters, clo, chi, self.long_len, ts, v, J),
-                                        _gather(self.raw, glo, hi, self.long_len, ts, v, J), self.long_len)
+                batch["long"] = _concat(_gather(self.clusters, clo, chi, self.long_len, ts, v),
+                                        _gather(self.raw, glo, hi, self.long_len, ts, v), self.long_len)
+            if self.life is not None:
+                batch["life"] = self.life_counts(i)
         else:   # no long part: an all-padding sequence of length 1 keeps the dict shape uniform
             z = np.zeros(len(i), np.int64)
             batch["long"] = _gather(self.raw, z, z, 1, ts, v)
@@ -581,6 +566,84 @@ class SampleSet(torch.utils.data.Dataset):
                 "category": torch.from_numpy(v.item_category[item]),
                 "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64)),
                 "pop": torch.from_numpy(pop), "stats": torch.from_numpy(stats)}
+
+
+    def gap_bounds(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw rows [W, ts) of samples i (global bounds; empty without the watermark-gap rows)."""
+        s = self.samples
+        lo, hi = _bounds(self.raw, s.uidx[i], s.pos[i])
+        if self.gap_pos is None:
+            return hi, hi
+        u = np.maximum(s.uidx[i], 0)
+        glo = np.where(s.uidx[i] >= 0, self.raw.offsets[u] + self.gap_pos[u], 0)
+        return np.minimum(glo, hi), hi
+
+    def life_counts(self, i: np.ndarray) -> torch.Tensor:
+        """virtual_mix: the match counts (base.match_counts' 4F + 2 numbers, F = MIX_FIELDS) of samples i over
+        their whole life cycle up to ts: every cluster of the user (its id mix) plus the gap rows [W, ts)."""
+        s, v = self.samples, self.vocab
+        item = s.item[i]
+        target = {"item": item, "author": v.item_author[item], "category": v.item_category[item]}
+        glo, ghi = self.gap_bounds(i)
+        return torch.from_numpy(self.life.features(s.cidx[i], target, self.raw, glo, ghi))
+
+
+class LifeCounts:
+    """Per (user, field, id) sums over ALL of a user's clusters of the virtual-item mixes (member counts n and
+    summed completion c), as sorted keys: a sample's life-cycle match counts are one binary search per field,
+    whatever the number of clusters, plus its gap rows read from the raw store."""
+
+    def __init__(self, clusters: RowFeatures):
+        U = len(clusters.user_ids)
+        urow = np.repeat(np.arange(U, dtype=np.int64), np.diff(clusters.offsets))              # (N,)
+        size = np.exp(clusters.log_n.astype(np.float64))
+        comp = clusters.comp.astype(np.float64) if clusters.comp is not None else np.ones(len(size))
+        self.N = np.bincount(urow, weights=size, minlength=U)                                   # (U,) members
+        self.P = np.bincount(urow, weights=size * comp, minlength=U)                            # (U,) completion
+        self.tables = {}
+        for f in MIX_FIELDS:
+            ids, n, c = clusters.mix[f]                                                          # (N, J)
+            keep = n > 0
+            V = int(ids.max(initial=0)) + 2
+            key = (urow[:, None] * V + ids)[keep]
+            uk, inv = np.unique(key, return_inverse=True)
+            self.tables[f] = (V, uk, np.bincount(inv, weights=n[keep].astype(np.float64), minlength=len(uk)),
+                              np.bincount(inv, weights=c[keep].astype(np.float64), minlength=len(uk)))
+
+    def lookup(self, f: str, cidx: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        V, uk, n, c = self.tables[f]
+        ok = (cidx >= 0) & (ids < V) & (len(uk) > 0)
+        key = np.where(ok, cidx, 0) * V + np.where(ok, ids, 0)
+        at = np.clip(np.searchsorted(uk, key), 0, max(len(uk) - 1, 0))
+        hit = ok & (uk[at] == key) if len(uk) else np.zeros(len(key), bool)
+        return np.where(hit, n[at] if len(uk) else 0.0, 0.0), np.where(hit, c[at] if len(uk) else 0.0, 0.0)
+
+    def features(self, cidx: np.ndarray, target: dict, raw: RowFeatures, glo: np.ndarray,
+                 ghi: np.ndarray) -> np.ndarray:
+        """(B, 4F + 2) float32, the formula of base.match_counts over clusters + gap rows [glo, ghi)."""
+        B = len(cidx)
+        ok = cidx >= 0
+        u = np.where(ok, cidx, 0)
+        N = np.where(ok, self.N[u] if len(self.N) else 0.0, 0.0)
+        P = np.where(ok, self.P[u] if len(self.P) else 0.0, 0.0)
+        width = int(max((ghi - glo).max(initial=0), 1))
+        idx = glo[:, None] + np.arange(width)[None, :]                                          # (B, w)
+        m = idx < ghi[:, None]
+        safe = np.where(m, idx, 0) if len(raw.item) else np.zeros_like(idx)
+        if not len(raw.item):
+            m = np.zeros_like(m)
+        gc = np.where(m, raw.comp[safe], 0.0) if raw.comp is not None and len(raw.item) else m.astype(np.float64)
+        N = N + m.sum(1)
+        P = P + gc.sum(1)
+        C, D = np.zeros((B, len(MIX_FIELDS))), np.zeros((B, len(MIX_FIELDS)))
+        for k, f in enumerate(MIX_FIELDS):
+            n, c = self.lookup(f, cidx, target[f])
+            hit = m & (getattr(raw, f)[safe] == target[f][:, None]) if len(raw.item) else m
+            C[:, k] = n + hit.sum(1)
+            D[:, k] = c + np.where(hit, gc, 0.0).sum(1)
+        out = [np.log1p(C), C / np.maximum(N, 1e-6)[:, None], np.log1p(D), D / np.maximum(P, 1e-6)[:, None],
+               np.log1p(N)[:, None], (P / np.maximum(N, 1.0))[:, None]]
+        return np.concatenate(out, axis=1).astype(np.float32)
 
 
 class BatchOrder(torch.utils.data.Sampler):

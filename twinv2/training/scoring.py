@@ -92,6 +92,8 @@ class RunScorer:
         batch = {"target": to_device(ds.targets(np.arange(n)), self.device),
                  "long": {k: x.expand(n, *x.shape[1:]) for k, x in one["long"].items()},
                  "short": {k: x.expand(n, *x.shape[1:]) for k, x in one["short"].items()}}
+        if ds.life is not None:                                # virtual_mix: life-cycle counts per candidate
+            batch["life"] = ds.life_counts(np.arange(n)).to(self.device)
         with autocast(self.device):
             return probability(self.model(batch).float().cpu().numpy())
 
