@@ -61,22 +61,55 @@ def apply(params: dict, overrides: dict) -> dict:
 def cell(data: str, row: str, model: str, seed: int, out: Path) -> dict:
     path = out / row / model / f"s{seed}" / "cell.json"
     if path.exists():
-        return json.loads(path.read_text())
+        res = json.loads(path.read_text())
+        if "groups" not in res and (path.parent / "run" / "model.pt").exists():   # cells written before groups
+            res["groups"] = _groups(data, path.parent / "run")[1]
+            write_json(path, res)
+        return res
     from pipelines import train
     from twinv2.metrics.ctr import auc, gauc
-    from twinv2.training.scoring import RunScorer
 
     params = apply(load_params(), {**ROWS[row], "train.seed": seed, "train.progress": False})
     t0 = time.perf_counter()
     rep = train.run(data, model, path.parent / "run", params)
-    scorer = RunScorer(path.parent / "run", data=data)
-    test = scorer.world.impressions[scorer.world.impressions["split"] == "test"].reset_index(drop=True)
-    pred = scorer.predict_frame(test)
+    pred, groups = _groups(data, path.parent / "run")
     res = {"row": row, "model": model, "seed": seed, "overrides": ROWS[row],
            "auc": auc(pred["label"], pred["prob"]), "gauc": gauc(pred["user"], pred["label"], pred["prob"])["gauc"],
-           "best_epoch": rep.get("best_epoch"), "wall_s": time.perf_counter() - t0}
+           "best_epoch": rep.get("best_epoch"), "wall_s": time.perf_counter() - t0, "groups": groups}
     write_json(path, res)
     return res
+
+
+def _groups(data: str, run: Path, n_groups: int = 4):
+    """Test predictions of a run and its AUC / GAUC per life-cycle length quartile (twinv2 evaluate's
+    by_group: users cut into quantile groups by behaviours before the history end)."""
+    from twinv2.metrics.groups import by_group
+    from twinv2.training.scoring import RunScorer
+
+    scorer = RunScorer(run, data=data)
+    test = scorer.world.impressions[scorer.world.impressions["split"] == "test"].reset_index(drop=True)
+    pred = scorer.predict_frame(test)
+    return pred, by_group(pred["user"], pred["label"], pred["prob"], scorer.world.user_lengths(), n_groups)
+
+
+def group_table(cells: list[dict], ref: str) -> list[dict]:
+    """Per (row, model, quartile): mean AUC / GAUC over seeds and the mean paired difference vs ref."""
+    by = {(c["row"], c["model"], c["seed"]): c for c in cells if c.get("groups")}
+    out = []
+    for row, model in dict.fromkeys((r, m) for (r, m, _) in by):
+        seeds = sorted(s for (r, m, s) in by if r == row and m == model)
+        for k in range(len(by[row, model, seeds[0]]["groups"])):
+            g = [by[row, model, s]["groups"][k] for s in seeds]
+            line = {"row": row, "model": model, "group": k, "max_len": g[0]["max_len"],
+                    "auc": float(np.mean([x["auc"] for x in g])), "gauc": float(np.mean([x["gauc"] for x in g]))}
+            paired = [s for s in seeds if (row, ref, s) in by]
+            if model != ref and paired:
+                line["d_auc"] = float(np.mean([by[row, model, s]["groups"][k]["auc"] -
+                                               by[row, ref, s]["groups"][k]["auc"] for s in paired]))
+                line["d_gauc"] = float(np.mean([by[row, model, s]["groups"][k]["gauc"] -
+                                                by[row, ref, s]["groups"][k]["gauc"] for s in paired]))
+            out.append(line)
+    return out
 
 
 def table(cells: list[dict], ref: str) -> list[dict]:
@@ -150,12 +183,20 @@ def main(argv=None) -> int:
     lines = table(cells, a.ref)
     print(f"{'row':<30} {'model':<9} {'AUC':>17} {'GAUC':>17}  paired vs {a.ref} (AUC / GAUC per seed)")
     for x in lines:
-        d = (" ".join(f"{v:+.4f}" for v in x["d_auc"]) + " / " + " ".join(f"{v:+.4f}" for v in x["d_gauc"])
-             if "d_auc" in x else "")
+        def paired(v):
+            sd = f" +- {np.std(v, ddof=1):.4f}" if len(v) > 1 else ""
+            return " ".join(f"{d:+.4f}" for d in v) + f" ({np.mean(v):+.4f}{sd})"
+
+        d = paired(x["d_auc"]) + " / " + paired(x["d_gauc"]) if "d_auc" in x else ""
         print(f"{x['row']:<30} {x['model']:<9} {x['auc']:.4f} +- {x['auc_std']:.4f} {x['gauc']:.4f} +- "
               f"{x['gauc_std']:.4f}  {d}")
-    write_json(a.out, {"data": a.data, "cells": cells, "table": lines})
-    print(json.dumps({"table": lines}, default=float))
+    groups = group_table(cells, a.ref)
+    print(f"\nby life-cycle length quartile (0 = shortest; mean over seeds; paired vs {a.ref})")
+    for x in groups:
+        d = f"  {x['d_auc']:+.4f} / {x['d_gauc']:+.4f}" if "d_auc" in x else ""
+        print(f"{x['row']:<20} {x['model']:<9} q{x['group']} (<= {x['max_len']:.0f}) {x['auc']:.4f} {x['gauc']:.4f}{d}")
+    write_json(a.out, {"data": a.data, "cells": cells, "table": lines, "groups": groups})
+    print(json.dumps({"table": lines, "groups": groups}, default=float))
     return 0
 
 
