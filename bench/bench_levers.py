@@ -163,7 +163,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", default=str(ROOT / "bench" / "results" / "levers"), help="cell folder")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_levers.json"))
     ap.add_argument("--coverage", action="store_true", help="print the virtual_mix coverage table and exit")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); float sums "
+                    "depend on it, so a figure reproduces exactly with the thread count it was measured with")
     a = ap.parse_args(argv)
+    if a.threads > 0:
+        import torch
+
+        torch.set_num_threads(a.threads)
     if a.coverage:
         lines = coverage(a.data)
         print(f"{'J':>3} " + " ".join(f"{f:>9}" for f in ("category", "author", "item")))
