@@ -163,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", default=str(ROOT / "bench" / "results" / "levers"), help="cell folder")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_levers.json"))
     ap.add_argument("--coverage", action="store_true", help="print the virtual_mix coverage table and exit")
+    ap.add_argument("--report-only", action="store_true", help="tables of the finished cells only (train nothing)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); float sums "
                     "depend on it, so a figure reproduces exactly with the thread count it was measured with")
     a = ap.parse_args(argv)
@@ -184,8 +185,10 @@ def main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; expected some of {list(ROWS)}")
-    cells = [cell(a.data, r, m, int(s), Path(a.cells)) for r in rows for m in a.models.split(",")
-             for s in a.seeds.split(",")]
+    todo = [(r, m, int(s)) for r in rows for m in a.models.split(",") for s in a.seeds.split(",")]
+    if a.report_only:                                   # the finished cells only, nothing is trained
+        todo = [t for t in todo if (Path(a.cells) / t[0] / t[1] / f"s{t[2]}" / "cell.json").exists()]
+    cells = [cell(a.data, r, m, s, Path(a.cells)) for r, m, s in todo]
     lines = table(cells, a.ref)
     print(f"{'row':<30} {'model':<9} {'AUC':>17} {'GAUC':>17}  paired vs {a.ref} (AUC / GAUC per seed)")
     for x in lines:
