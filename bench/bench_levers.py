@@ -186,9 +186,11 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown rows {unknown}; expected some of {list(ROWS)}")
     todo = [(r, m, int(s)) for r in rows for m in a.models.split(",") for s in a.seeds.split(",")]
-    if a.report_only:                                   # the finished cells only, nothing is trained
-        todo = [t for t in todo if (Path(a.cells) / t[0] / t[1] / f"s{t[2]}" / "cell.json").exists()]
-    cells = [cell(a.data, r, m, s, Path(a.cells)) for r, m, s in todo]
+    if a.report_only:                                   # the finished cells as stored, nothing is computed
+        files = [Path(a.cells) / r / m / f"s{s}" / "cell.json" for r, m, s in todo]
+        cells = [json.loads(f.read_text()) for f in files if f.exists()]
+    else:
+        cells = [cell(a.data, r, m, s, Path(a.cells)) for r, m, s in todo]
     lines = table(cells, a.ref)
     print(f"{'row':<30} {'model':<9} {'AUC':>17} {'GAUC':>17}  paired vs {a.ref} (AUC / GAUC per seed)")
     for x in lines:
