@@ -58,8 +58,12 @@ def apply(params: dict, overrides: dict) -> dict:
     return p
 
 
+def cell_path(out: Path, row: str, model: str, seed: int) -> Path:
+    return Path(out) / row / model / f"s{seed}" / "cell.json"
+
+
 def cell(data: str, row: str, model: str, seed: int, out: Path) -> dict:
-    path = out / row / model / f"s{seed}" / "cell.json"
+    path = cell_path(out, row, model, seed)
     if path.exists():
         res = json.loads(path.read_text())
         if "groups" not in res and (path.parent / "run" / "model.pt").exists():   # cells written before groups
@@ -92,42 +96,58 @@ def _groups(data: str, run: Path, n_groups: int = 4):
     return pred, by_group(pred["user"], pred["label"], pred["prob"], scorer.world.user_lengths(), n_groups)
 
 
+def _series(cells: list[dict]):
+    """Cells by (row, model, seed), and for each (row, model) in first-seen order its sorted seeds."""
+    by = {(c["row"], c["model"], c["seed"]): c for c in cells}
+    seeds = {}
+    for r, m, s in by:
+        seeds.setdefault((r, m), []).append(s)
+    return by, {k: sorted(v) for k, v in seeds.items()}
+
+
+def _paired(by: dict, row: str, model: str, ref: str, seeds: list, figure) -> list[float] | None:
+    """figure(cell of model) - figure(cell of ref), per seed both have; None for the reference itself or no pair."""
+    both = [s for s in seeds if (row, ref, s) in by]
+    if model == ref or not both:
+        return None
+    return [float(figure(by[row, model, s]) - figure(by[row, ref, s])) for s in both]
+
+
 def group_table(cells: list[dict], ref: str) -> list[dict]:
     """Per (row, model, quartile): mean AUC / GAUC over seeds and the mean paired difference vs ref."""
-    by = {(c["row"], c["model"], c["seed"]): c for c in cells if c.get("groups")}
+    by, series = _series([c for c in cells if c.get("groups")])
     out = []
-    for row, model in dict.fromkeys((r, m) for (r, m, _) in by):
-        seeds = sorted(s for (r, m, s) in by if r == row and m == model)
+    for (row, model), seeds in series.items():
         for k in range(len(by[row, model, seeds[0]]["groups"])):
             g = [by[row, model, s]["groups"][k] for s in seeds]
             line = {"row": row, "model": model, "group": k, "max_len": g[0]["max_len"],
                     "auc": float(np.mean([x["auc"] for x in g])), "gauc": float(np.mean([x["gauc"] for x in g]))}
-            paired = [s for s in seeds if (row, ref, s) in by]
-            if model != ref and paired:
-                line["d_auc"] = float(np.mean([by[row, model, s]["groups"][k]["auc"] -
-                                               by[row, ref, s]["groups"][k]["auc"] for s in paired]))
-                line["d_gauc"] = float(np.mean([by[row, model, s]["groups"][k]["gauc"] -
-                                                by[row, ref, s]["groups"][k]["gauc"] for s in paired]))
+            for key in ("auc", "gauc"):
+                d = _paired(by, row, model, ref, seeds, lambda c: c["groups"][k][key])
+                if d is not None:
+                    line[f"d_{key}"] = float(np.mean(d))
             out.append(line)
     return out
 
 
 def table(cells: list[dict], ref: str) -> list[dict]:
-    by = {(c["row"], c["model"], c["seed"]): c for c in cells}
+    by, series = _series(cells)
     out = []
-    for row, model in dict.fromkeys((c["row"], c["model"]) for c in cells):
-        seeds = sorted(s for (r, m, s) in by if r == row and m == model)
-        a = np.array([by[row, model, s]["auc"] for s in seeds])
-        g = np.array([by[row, model, s]["gauc"] for s in seeds])
-        line = {"row": row, "model": model, "seeds": seeds, "auc": a.mean(), "auc_std": a.std(ddof=1) if len(a) > 1 else 0.0,
-                "gauc": g.mean(), "gauc_std": g.std(ddof=1) if len(g) > 1 else 0.0}
-        paired = [s for s in seeds if (row, ref, s) in by]
-        if model != ref and paired:
-            da = np.array([by[row, model, s]["auc"] - by[row, ref, s]["auc"] for s in paired])
-            dg = np.array([by[row, model, s]["gauc"] - by[row, ref, s]["gauc"] for s in paired])
-            line.update(d_auc=da.tolist(), d_gauc=dg.tolist())
+    for (row, model), seeds in series.items():
+        line = {"row": row, "model": model, "seeds": seeds}
+        for key in ("auc", "gauc"):
+            v = np.array([by[row, model, s][key] for s in seeds])
+            line[key], line[f"{key}_std"] = v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
+            d = _paired(by, row, model, ref, seeds, lambda c: c[key])
+            if d is not None:
+                line[f"d_{key}"] = d
         out.append(line)
     return out
+
+
+def _fmt_paired(v: list[float]) -> str:
+    sd = f" +- {np.std(v, ddof=1):.4f}" if len(v) > 1 else ""
+    return " ".join(f"{d:+.4f}" for d in v) + f" ({np.mean(v):+.4f}{sd})"
 
 
 def coverage(data: str, slots=(1, 2, 4, 8, 16)) -> list[dict]:
@@ -187,18 +207,14 @@ def main(argv=None) -> int:
         ap.error(f"unknown rows {unknown}; expected some of {list(ROWS)}")
     todo = [(r, m, int(s)) for r in rows for m in a.models.split(",") for s in a.seeds.split(",")]
     if a.report_only:                                   # the finished cells as stored, nothing is computed
-        files = [Path(a.cells) / r / m / f"s{s}" / "cell.json" for r, m, s in todo]
+        files = [cell_path(a.cells, *t) for t in todo]
         cells = [json.loads(f.read_text()) for f in files if f.exists()]
     else:
         cells = [cell(a.data, r, m, s, Path(a.cells)) for r, m, s in todo]
     lines = table(cells, a.ref)
     print(f"{'row':<30} {'model':<9} {'AUC':>17} {'GAUC':>17}  paired vs {a.ref} (AUC / GAUC per seed)")
     for x in lines:
-        def paired(v):
-            sd = f" +- {np.std(v, ddof=1):.4f}" if len(v) > 1 else ""
-            return " ".join(f"{d:+.4f}" for d in v) + f" ({np.mean(v):+.4f}{sd})"
-
-        d = paired(x["d_auc"]) + " / " + paired(x["d_gauc"]) if "d_auc" in x else ""
+        d = _fmt_paired(x["d_auc"]) + " / " + _fmt_paired(x["d_gauc"]) if "d_auc" in x else ""
         print(f"{x['row']:<30} {x['model']:<9} {x['auc']:.4f} +- {x['auc_std']:.4f} {x['gauc']:.4f} +- "
               f"{x['gauc_std']:.4f}  {d}")
     groups = group_table(cells, a.ref)

@@ -538,9 +538,7 @@ class SampleSet(torch.utils.data.Dataset):
             if self.gap_pos is None:
                 batch["long"] = _gather(self.clusters, clo, chi, self.long_len, ts, v)
             else:
-                glo = np.where(s.uidx[i] >= 0, self.raw.offsets[np.maximum(s.uidx[i], 0)] +
-                               self.gap_pos[np.maximum(s.uidx[i], 0)], 0)
-                glo = np.minimum(glo, hi)                                          # rows in [W, ts)
+                glo, _ = self.gap_bounds(i)                                        # rows in [W, ts)
                 batch["long"] = _concat(_gather(self.clusters, clo, chi, self.long_len, ts, v),
                                         _gather(self.raw, glo, hi, self.long_len, ts, v), self.long_len)
             if self.life is not None:
@@ -571,7 +569,7 @@ class SampleSet(torch.utils.data.Dataset):
     def gap_bounds(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw rows [W, ts) of samples i (global bounds; empty without the watermark-gap rows)."""
         s = self.samples
-        lo, hi = _bounds(self.raw, s.uidx[i], s.pos[i])
+        _, hi = _bounds(self.raw, s.uidx[i], s.pos[i])
         if self.gap_pos is None:
             return hi, hi
         u = np.maximum(s.uidx[i], 0)
