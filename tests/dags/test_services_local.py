@@ -95,7 +95,14 @@ def _launch(kind: str, port: int, root: Path, log: Path, extra_env: dict | None 
     env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "pipelines.services", kind, "--port", str(port), "--root",
                              str(root)], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=REPO,
-                            start_new_session=True)     # as `make` runs it from a terminal: its own group
+                            start_new_session=True,     # as `make` runs it from a terminal: its own group
+                            preexec_fn=_terminal_sigint)
+
+
+def _terminal_sigint():
+    """SIGINT at its default, as in a terminal: a test run started in the background (`cmd &`, nohup) inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler in the launcher."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -192,6 +192,7 @@ def test_read_only_output_exits_5(tmp_path):
 
 _PATCHED = textwrap.dedent("""
     import os, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal, even when pytest runs under nohup
     from pipelines import cli, validate
     def boom(data, params):
         if sys.argv[1] == "bug":
