@@ -843,12 +843,23 @@ BEGIN, END = "<!-- twinv2 benchmark: begin (generated, do not edit) -->", "<!-- 
 def publish(results_md: str | Path, doc: str | Path) -> Path:
     """Put OUT/results.md into a document between the BEGIN/END markers (replacing what was there; appended
     with the markers when absent), so that the document's tables are the generated report, never hand-copied.
-    The report's headings are demoted one level; links to plots/ point at the benchmark directory."""
+    The report's headings are demoted one level. The document travels without the benchmark directory (which
+    holds every cell's model): OUT/plots/*.png and OUT/results.json are copied to DOC's folder under
+    `<doc stem>_files/` (replaced on each publish) and the plot links point there."""
     results_md, doc = Path(results_md), Path(doc)
     body = results_md.read_text()
-    rel = os.path.relpath(results_md.parent.resolve(), doc.parent.resolve())
+    files = doc.parent / f"{doc.stem}_files"
+    src_plots = results_md.parent / "plots"
+    if (files / "plots").exists():
+        shutil.rmtree(files / "plots")
+    (files / "plots").mkdir(parents=True, exist_ok=True)
+    for png in sorted(src_plots.glob("*.png")) if src_plots.is_dir() else ():
+        shutil.copy2(png, files / "plots" / png.name)
+    if (results_md.parent / "results.json").exists():
+        with atomic_path(files / "results.json") as tmp:
+            shutil.copyfile(results_md.parent / "results.json", tmp)
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in body.splitlines())
-    body = body.replace("](plots/", f"]({rel}/plots/")
+    body = body.replace("](plots/", f"]({files.name}/plots/")
     block = f"{BEGIN}\n{body.rstrip()}\n{END}"
     text = doc.read_text() if doc.exists() else ""
     if BEGIN in text and END in text.split(BEGIN, 1)[1]:

@@ -411,6 +411,9 @@ def test_publish_replaces_the_generated_block(tmp_path):
     out = tmp_path / "bench"
     out.mkdir()
     (out / "results.md").write_text("# Benchmark results\n\nrun A\n\n## 1. Main\n\nPlots: [main.png](plots/main.png)\n")
+    (out / "plots").mkdir()
+    (out / "plots" / "main.png").write_bytes(b"png A")
+    (out / "results.json").write_text('{"cells": []}')
     doc = tmp_path / "docs" / "results.md"
     doc.parent.mkdir()
     doc.write_text("# Results\n\nhand-written text\n")
@@ -418,10 +421,17 @@ def test_publish_replaces_the_generated_block(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results\n\nhand-written text\n\n" + benchmark.BEGIN)
     assert "## Benchmark results" in text and "### 1. Main" in text and "run A" in text
-    assert "](../bench/plots/main.png)" in text and text.rstrip().endswith(benchmark.END)
+    # the document carries its plots and results.json (the benchmark directory stays behind)
+    assert "](results_files/plots/main.png)" in text and text.rstrip().endswith(benchmark.END)
+    files = doc.parent / "results_files"
+    assert (files / "plots" / "main.png").read_bytes() == b"png A"
+    assert (files / "results.json").read_text() == '{"cells": []}'
     (out / "results.md").write_text("# Benchmark results\n\nrun B\n")
+    (out / "plots" / "main.png").unlink()
+    (out / "plots" / "groups.png").write_bytes(b"png B")
     doc.write_text(doc.read_text() + "\nafter the block\n")
     benchmark.publish(out / "results.md", doc)
     text = doc.read_text()
     assert "run B" in text and "run A" not in text and text.count(benchmark.BEGIN) == 1
     assert "hand-written text" in text and text.rstrip().endswith("after the block")
+    assert sorted(p.name for p in (files / "plots").iterdir()) == ["groups.png"]     # replaced, not merged
