@@ -214,7 +214,7 @@ class AirflowServices:
     def api(self, method: str, path: str, body: dict | None = None, token: str | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json",
+                                     headers={"Content-Type": "application/json", "Accept": "application/json",
                                               "Authorization": f"Bearer {token or self.token()}"})
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read() or b"{}")

@@ -3,6 +3,7 @@ the REST API lists both DAGs, the UI in headless Chromium shows them, and a trig
 on the tiny world succeeds while logging to a real `mlflow server`."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -79,6 +80,13 @@ def test_ui_lists_both_dags_in_chromium(airflow):
         shutil.copyfile(tmp, shot)
 
 
+def _task_log(airflow, dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
+    """Try 1's log of one task instance through the REST endpoint the UI's log page reads, as text."""
+    q = "?full_content=true" + (f"&map_index={map_index}" if map_index is not None else "")
+    body = airflow.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1{q}")
+    return "\n".join(c if isinstance(c, str) else json.dumps(c) for c in body.get("content") or [])
+
+
 def test_trigger_daily_through_rest_and_read_back_mlflow(airflow, mlflow_server, tiny_world, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
@@ -102,6 +110,14 @@ def test_trigger_daily_through_rest_and_read_back_mlflow(airflow, mlflow_server,
     assert state == "success", f"run {run_id} ended {state}: {states}\n" + "".join(
         p.read_text()[-1500:] for p in Path(airflow.home).glob("scheduler.log"))
     assert states[("cluster_shard", 0)] == states[("cluster_shard", 1)] == "success"
+
+    # the task log pages of the UI read this endpoint: each task's log is there (not "Log file not found"),
+    # with the stage's own progress line, and the progress bar did not flood it with carriage returns
+    for task_id, map_index, expect in (("validate", None, "validate"), ("cluster_shard", 1, "cluster"),
+                                       ("train", 0, "epoch")):
+        text = _task_log(airflow, "twinv2_daily", run_id, task_id, map_index)
+        assert expect in text and "not found" not in text.lower(), (task_id, text[-1500:])
+        assert text.count("\r") < 200, (task_id, "progress bars flood the task log")
 
     # read everything back from the real MLflow server over HTTP
     c = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
