@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import twinv2.validation  # noqa: F401  (quiets GX's import-time INFO lines before GX is imported here)
+
 SITE = "data_docs"
 
 

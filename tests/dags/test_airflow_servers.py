@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -118,6 +119,15 @@ def test_trigger_daily_through_rest_and_read_back_mlflow(airflow, mlflow_server,
         text = _task_log(airflow, "twinv2_daily", run_id, task_id, map_index)
         assert expect in text and "not found" not in text.lower(), (task_id, text[-1500:])
         assert text.count("\r") < 200, (task_id, "progress bars flood the task log")
+        assert "Skipping registering function" not in text, (task_id, "GX's import-time INFO lines are back")
+    # and the UI's own log page of the validate task, rendered by headless Chromium, shows its progress line
+    page = f"{airflow.url}/dags/twinv2_daily/runs/{quote(run_id, safe='')}/tasks/validate"
+    exe = _chromium()
+    with tempfile.TemporaryDirectory() as prof:
+        dom = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={prof}", "--dump-dom",
+                              f"{airflow.url}/auth/token/login?next={quote(page, safe='')}"],
+                             capture_output=True, text=True, timeout=120).stdout
+    assert "row/s" in dom and "was not found" not in dom, dom[-3000:]
 
     # read everything back from the real MLflow server over HTTP
     c = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
