@@ -318,6 +318,50 @@ def is_done(out: str | Path, cell: dict) -> bool:
         return False
 
 
+RECORD_KEYS = ("model", "variant", "seed", "key", "label", "overrides", "cluster_version", "cluster_params", "metrics",
+               "cost", "train", "curve", "how", "run_dir")
+
+
+def adopt(out: str | Path, cells: list[dict], results: str | Path) -> dict:
+    """Take the finished cells of an earlier report (its results.json) as done: a planned cell that is not done
+    in OUT and whose key equals the key of a cell there gets that record as its OUT/.../cell.json (how: "adopted
+    from ..."). The key covers the model, every result-relevant params section and the cluster version, which is
+    content-addressed over the validated data, the embedding and the clustering params: a cell computed on other
+    data or with other params has another key and is computed here instead. What the key does not cover is the
+    code: adopt only a report made at a commit whose training and evaluation code equals this one (its commit is
+    recorded in the records and in the new report). Returns {"from", "commit", "cells": [labels adopted]}."""
+    results = Path(results)
+    try:
+        old = read_json(results)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--adopt {results}: cannot read it as a benchmark results.json ({e})") from e
+    recs = old.get("cells") if isinstance(old, dict) else None
+    if not isinstance(recs, list):
+        raise ConfigError(f"--adopt {results}: no `cells` list; expected the results.json of `twinv2 benchmark`")
+    commit = (old.get("meta") or {}).get("git_commit")
+    by_key: dict[str, dict] = {}
+    for i, r in enumerate(recs):
+        missing = [k for k in ("model", "variant", "seed", "key", "metrics") if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ConfigError(f"--adopt {results}: cells[{i}] lacks {missing}; expected a benchmark cell record")
+        by_key[str(r["key"])] = r
+    taken = []
+    for c in cells:
+        r = by_key.get(c["key"])
+        if r is None or is_done(out, c):
+            continue
+        if (r["model"], r["variant"], int(r["seed"])) != (c["model"], c["variant"], int(c["seed"])):
+            continue            # the same params under another name: computed here, so that labels stay true
+        rec = {k: r.get(k) for k in RECORD_KEYS}
+        rec.update(label=label(c), how=f"adopted from {results} (commit {commit}; there: {r.get('how')})",
+                   adopted={"from": str(results), "commit": commit}, finished_s=time.time())
+        d = cell_dir(out, c)
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(d / "cell.json", rec)
+        taken.append(label(c))
+    return {"from": str(results), "commit": commit, "cells": taken}
+
+
 def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
     from pipelines import evaluate, train
 
@@ -687,6 +731,13 @@ def markdown(t: dict, st: dict, meta: dict, clusters: list[dict]) -> str:
     if "wall_s" in meta:
         L.append("This invocation: %.0f s wall, %d cells computed, %d already done."
                  % (meta["wall_s"], meta.get("computed", 0), meta.get("skipped", 0)))
+    adopted: dict[tuple, list[str]] = {}
+    for r in meta.get("records", []):
+        if isinstance(r.get("adopted"), dict):
+            adopted.setdefault((r["adopted"].get("from"), r["adopted"].get("commit")), []).append(r["label"])
+    for (src, commit), labels in adopted.items():
+        L.append("%d cells were adopted from `%s` (computed at commit `%s`; same cell keys: same params, cluster "
+                 "versions and data): %s." % (len(labels), src, commit, ", ".join(labels)))
     if meta.get("plots"):
         L += ["", "Plots: " + ", ".join(f"[{Path(p).name}](plots/{Path(p).name})" for p in meta["plots"])]
     return "\n".join(L) + "\n"
@@ -827,9 +878,7 @@ def report(out: str | Path, records: list[dict], st: dict, meta: dict, clusters:
     t = tables(records, st, models, variants)
     meta = {**meta, "plots": plots(out, t, st) + more_plots(out, records, st, clusters)}
     md = markdown(t, st, {**meta, "records": records}, clusters)
-    cells = [{k: r.get(k) for k in ("model", "variant", "seed", "key", "label", "overrides", "cluster_version",
-                                    "cluster_params", "metrics", "cost", "train", "curve", "how", "run_dir")}
-             for r in records]
+    cells = [{k: r.get(k) for k in RECORD_KEYS + (("adopted",) if "adopted" in r else ())} for r in records]
     write_json(out / "results.json", {"meta": meta, "cells": cells, "tables": t, "clusters": clusters})
     write_json(out / "metrics.json", flat_metrics(t, st))
     with atomic_path(out / "results.md") as tmp:
@@ -879,9 +928,11 @@ def bench_id(out: str | Path) -> str:
 
 
 def run(data: str | Path, out: str | Path, params: dict | None = None, models=None, seeds=None, variants=None,
-        command: str | None = None, only: Iterable[str] | None = None, publish_to: str | Path | None = None) -> dict:
+        command: str | None = None, only: Iterable[str] | None = None, publish_to: str | Path | None = None,
+        adopt_from: str | Path | None = None) -> dict:
     """Every cell of the plan, then the report; `only` (MODEL/VARIANT/SEED names): just those cells, no
-    report (what the DVC cell stages run; the report stage runs the whole plan, computing nothing new)."""
+    report (what the DVC cell stages run; the report stage runs the whole plan, computing nothing new).
+    `adopt_from`: an earlier results.json whose cells with the same key are taken as done (`adopt`)."""
     params = params or load_params()
     st = settings(params)
     data, out = Path(data), Path(out)
@@ -890,6 +941,7 @@ def run(data: str | Path, out: str | Path, params: dict | None = None, models=No
         planned = select(planned, only)
     out.mkdir(parents=True, exist_ok=True)
     cells = prepare(data, params, planned)
+    adopted = adopt(out, cells, adopt_from) if adopt_from else None
     if only:
         recs = [run_cell(data, out, c) for c in cells]
         n = sum(1 for r in recs if not r.get("skipped"))
@@ -910,7 +962,8 @@ def run(data: str | Path, out: str | Path, params: dict | None = None, models=No
         records.append(run_cell(data, out, c, track))
     computed = sum(1 for r in records if not r.get("skipped"))
     meta = build_meta(data, cells, command or "twinv2 benchmark", wall_s=time.perf_counter() - t0,
-                      computed=computed, skipped=len(records) - computed)
+                      computed=computed, skipped=len(records) - computed,
+                      **({"adopted": adopted} if adopted else {}))
     rep = report(out, [read_json(cell_dir(out, c) / "cell.json") for c in cells], st, meta,
                  clusters_of(data, cells))
     if publish_to:

@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--publish", default=None, metavar="DOC",
                    help="also put results.md into DOC (e.g. docs/results.md) between its generated-report markers, "
                         "replacing the previous report (default: off)")
+    b.add_argument("--adopt", default=None, metavar="RESULTS_JSON",
+                   help="take the cells of an earlier report (its results.json, e.g. docs/results_files/results.json) "
+                        "whose key (model, params, cluster version over the same data) equals a planned cell's as done, "
+                        "so that a report grows by new cells without recomputing the published ones (default: off)")
     for s in (g, i, v, c, t, e, r, b):
         _common(s, sub=True)
     return p
@@ -278,7 +282,7 @@ def _dispatch(args: argparse.Namespace, params: dict) -> Any:
         from pipelines import benchmark
         return benchmark.run(data=args.data, out=args.out, params=params, models=args.models, seeds=args.seeds,
                              variants=args.variants, command="twinv2 " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
-                             only=args.cell, publish_to=args.publish)
+                             only=args.cell, publish_to=args.publish, adopt_from=args.adopt)
     if args.cmd == "register":
         from pipelines import register
         return register.run(run=args.run, data=args.data, params=params)

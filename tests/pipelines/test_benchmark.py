@@ -190,6 +190,44 @@ def test_second_run_recomputes_nothing(bench):
     assert _stamp(out) == before
 
 
+def test_adopt_cells_of_an_earlier_report(bench, tmp_path, params):
+    """A new benchmark directory adopts the cells of an earlier results.json with the same keys: nothing is
+    trained, the tables are the same, the report says which cells were adopted and from which commit; with
+    other params (other keys) nothing is adopted; a file that is not a results.json is a clear error."""
+    from pipelines.cli import main
+
+    src = tmp_path / "published.json"
+    shutil.copyfile(bench["out"] / "results.json", src)
+    old = json.loads(src.read_text())
+    out = tmp_path / "grown"
+    args = [str(out) if a == str(bench["out"]) else a for a in bench["args"]] + ["--adopt", str(src)]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["computed"] == 0 and res["meta"]["skipped"] == 3
+    assert sorted(res["meta"]["adopted"]["cells"]) == sorted(c["label"] for c in old["cells"])
+    assert res["meta"]["adopted"]["commit"] == old["meta"]["git_commit"]
+    assert not list(out.glob("cells/*/*/*/run"))                  # nothing trained here
+    assert all(c["how"].startswith("adopted from") for c in res["cells"])
+    for k in ("main", "ablation", "groups", "group_gain", "diversity"):
+        assert res["tables"][k] == old["tables"][k], k
+    assert "3 cells were adopted from" in (out / "results.md").read_text()
+    # a second invocation: the adopted cells are done, nothing more is adopted or computed
+    assert main(args) == 0
+    again = json.loads((out / "results.json").read_text())["meta"]
+    assert again["computed"] == 0 and again["adopted"]["cells"] == []
+    assert "3 cells were adopted from" in (out / "results.md").read_text()     # the records keep where they came from
+    # other params: other keys, nothing taken
+    p = small(params)
+    p["train"]["lr"] = 0.004
+    cells = benchmark.prepare(bench["data"], p, benchmark.plan(p, models="twinv2,twin", seeds=1, variants="gamma5"))
+    assert benchmark.adopt(tmp_path / "other", cells, src)["cells"] == []
+    assert not (tmp_path / "other").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"cells": [{"model": "twin"}]}')
+    with pytest.raises(ConfigError, match=r"bad\.json: cells\[0\] lacks"):
+        benchmark.adopt(tmp_path / "other", cells, bad)
+
+
 def test_crashed_cell_resumes_from_checkpoint(bench):
     """A cell that died after its epoch checkpoint (no model.pt, no done marker) is resumed; the others are
     not touched; resuming gives the uninterrupted run's result."""
