@@ -31,7 +31,7 @@ from twinv2.io import write_json  # noqa: E402
 
 PAPER = {"model.target_pop": False, "model.item_init": "random", "model.frozen_tables": [],
          "model.match_counts": [], "model.match_mass": False, "model.target_match": [], "model.watermark_gap": False,
-         "model.item_bias": False, "model.virtual_mix": 0, "model.target_stats": False}
+         "model.item_bias": False, "model.author_bias": False, "model.virtual_mix": 0, "model.target_stats": False}
 COUNTS = {"model.target_pop": True, "model.item_init": "cooc", "model.match_counts": ["category", "author", "item"]}
 ROWS = {
     "paper": PAPER,                                                         # the papers' models, nothing added
@@ -47,6 +47,9 @@ ROWS = {
     "no_stats": {"model.target_stats": False},                              # default without the target stats
     "no_mix_no_stats": {"model.virtual_mix": 0, "model.target_stats": False},   # the default before both
     "item_bias": {"model.item_bias": True},
+    "author_bias": {"model.author_bias": True},                             # a learned scalar per target author
+    "id_bias": {"model.item_bias": True, "model.author_bias": True},
+    "author_free": {"model.frozen_tables": ["item"]},                       # the author table trained
 }
 
 

@@ -166,3 +166,31 @@ def test_twinv2_with_virtual_mix_reads_the_life_counts():
     assert not torch.allclose(base, changed)
     with pytest.raises(ValueError, match="virtual_mix"):
         build_model("twinv2", VOCAB_POP, {**LEVERS, "virtual_mix": 4, "match_counts": ["category"]})
+
+
+@pytest.mark.parametrize("name", ["twinv2", "twin", "din"])
+def test_id_biases_add_the_target_rows_to_the_logit(name):
+    """item_bias / author_bias: the logit is the model's logit without them plus the target item's and the
+    target author's learned scalar (a plain sum, checked per sample); both start at 0 (no change at init) and
+    the padding row never moves."""
+    batch = make_batch(B=5, L=12, seed=4, clusters=name == "twinv2")
+    plain = build_model(name, VOCAB, SMALL).eval()
+    biased = build_model(name, VOCAB, {**SMALL, "item_bias": True, "author_bias": True}).eval()
+    missing, unexpected = biased.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["author_bias.weight", "item_bias.weight"] and not unexpected
+    with torch.no_grad():
+        assert torch.equal(biased(batch), plain(batch))                  # zero init: the same model
+        biased.item_bias.weight.normal_()
+        biased.author_bias.weight.normal_()
+        biased.item_bias.weight[0] = 0.0
+        biased.author_bias.weight[0] = 0.0
+        got = biased(batch)
+        want = plain(batch).clone()
+        for b in range(5):
+            want[b] += biased.item_bias.weight[int(batch["target"]["item"][b]), 0]
+            want[b] += biased.author_bias.weight[int(batch["target"]["author"][b]), 0]
+    torch.testing.assert_close(got, want)
+    biased.train()
+    biased(batch).sum().backward()
+    assert biased.author_bias.weight.grad[0].abs().sum() == 0 and biased.item_bias.weight.grad[0].abs().sum() == 0
+    assert biased.author_bias.weight.grad[batch["target"]["author"]].abs().sum() > 0

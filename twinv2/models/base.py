@@ -34,8 +34,11 @@ class CTRModel(nn.Module):
         self.target_stats = bool(p.get("target_stats", False))
         # a learned scalar per target item added to the logit (the "wide" item bias of CTR models), init 0
         self.item_bias = nn.Embedding(vocab["item"], 1, padding_idx=0) if p.get("item_bias") else None
-        if self.item_bias is not None:
-            nn.init.zeros_(self.item_bias.weight)
+        # the same for the target's author (a scalar per author: the author's quality, outside the attention)
+        self.author_bias = nn.Embedding(vocab["author"], 1, padding_idx=0) if p.get("author_bias") else None
+        for b in (self.item_bias, self.author_bias):
+            if b is not None:
+                nn.init.zeros_(b.weight)
         self.watermark_gap = bool(p.get("watermark_gap", False)) and self.long_source == "clusters"
         # virtual_mix J: the long part's match counts read every cluster's J most frequent member ids per field,
         # over the user's whole life cycle (batch["life"], samples.LifeCounts)
@@ -91,6 +94,8 @@ class CTRModel(nn.Module):
         logit = self.head(torch.cat([t.to(s.dtype) for t in x], dim=-1))
         if self.item_bias is not None:
             logit = logit + self.item_bias(batch["target"]["item"]).squeeze(-1).to(logit.dtype)
+        if self.author_bias is not None:
+            logit = logit + self.author_bias(batch["target"]["author"]).squeeze(-1).to(logit.dtype)
         return logit
 
     def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
