@@ -321,6 +321,29 @@ class CeleryAirflow(AirflowServices):
         except SystemExit as e:
             raise RuntimeError(str(e)) from None
 
+    def _tree(self, name: str) -> list:
+        root = psutil.Process(self.procs[name].pid)
+        return [root, *root.children(recursive=True)]
+
+    def suspend_worker(self, name: str) -> int:
+        """SIGSTOP a worker and every process under it: frozen, a running task can neither finish nor report;
+        `resume_worker` (SIGCONT) lets it go on. Returns how many processes were stopped."""
+        n = 0
+        for p in self._tree(name):
+            try:
+                p.suspend()
+                n += 1
+            except psutil.NoSuchProcess:
+                pass
+        return n
+
+    def resume_worker(self, name: str) -> None:
+        for p in self._tree(name):
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+
     def kill_worker(self, name: str) -> list[int]:
         """SIGKILL a worker and every process under it (its pool, the task supervisors and the task processes,
         which lead process groups of their own): what the loss of its machine does. Returns the pids."""

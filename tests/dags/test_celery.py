@@ -9,8 +9,9 @@ api-server, scheduler, dag-processor and two Celery workers (worker-a, worker-b)
    (one cluster version, 4 shard parts, every behaviour clustered once, one MLflow run per shard).
 
 Both tests share one cluster (started once, ~35 s); the second leaves one worker. Shard tasks need no
-artificial delay: a shard task runs for several seconds (task start-up, clustering, MLflow), and the test
-kills the worker as soon as the REST API shows it running one."""
+artificial delay: a shard task runs for several seconds (task start-up, clustering, MLflow); the test freezes
+the worker (SIGSTOP) as soon as the REST API shows it running one, checks the shard is still running once
+frozen (else lets it go on and takes the next), and then kills it: no race between the poll and the kill."""
 from __future__ import annotations
 
 import json
@@ -152,15 +153,27 @@ def test_killed_worker_task_retried_on_the_other(cluster, tiny_world_ro, tmp_pat
     shutil.copytree(tiny_world_ro, data)
     conf = {"data": str(data), "runs": str(runs), **CONF, "models": ["twin"]}  # the failover, one model trained
     run_id = _trigger(cluster, conf)
+    # A shard seen running can finish between the poll and the kill. So the worker is frozen first (SIGSTOP on
+    # its whole tree: the task can neither finish nor report), the state is read again after the freeze (and
+    # a second, for a report already on its way), and only a shard still running is killed; one that finished
+    # meanwhile lets its worker go on and the next running shard is taken.
     victim = shard = None
     deadline = time.monotonic() + 600
     while victim is None and time.monotonic() < deadline:
-        for t in _tis(cluster, run_id):
-            if t["task_id"] == "cluster_shard" and t["state"] == "running" and t["hostname"] in cluster.airflow.workers:
-                victim, shard = t["hostname"], t["map_index"]
-                break
-        else:
+        seen = [t for t in _tis(cluster, run_id) if t["task_id"] == "cluster_shard" and t["state"] == "running"
+                and t["hostname"] in cluster.airflow.workers]
+        if not seen:
             time.sleep(0.3)
+            continue
+        host, idx = seen[0]["hostname"], seen[0]["map_index"]
+        cluster.airflow.suspend_worker(host)
+        time.sleep(1.0)
+        now = next(t for t in _tis(cluster, run_id) if t["task_id"] == "cluster_shard" and t["map_index"] == idx)
+        if now["state"] == "running" and now["hostname"] == host:
+            victim, shard = host, idx
+        else:
+            print(f"shard {idx} was {now['state']} once {host} was frozen; letting it go on")
+            cluster.airflow.resume_worker(host)
     assert victim is not None, "no shard task seen running"
     killed = cluster.airflow.kill_worker(victim)
     t_kill = time.monotonic()
