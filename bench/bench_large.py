@@ -109,6 +109,87 @@ def sharded_cluster(data: Path, n: int, workers: int, logs: Path) -> dict:
     return rec
 
 
+def celery_recluster(data: Path, n: int, out: Path, timeout: float = 3600) -> dict:
+    """The clustering of DATA sharded over real Celery workers: `make airflow-celery`'s set-up (Redis, PostgreSQL,
+    api-server, scheduler, dag-processor, workers worker-a and worker-b, pipelines.celery_services) started under
+    OUT/celery, DAG twinv2_recluster triggered over the REST API with n_shards = N (a full build on the data's
+    validated behaviours), then stopped. Records the run's wall time, every shard task's duration and worker,
+    and the peak RSS of each worker's process tree (sampled every 0.5 s; tasks run in processes under it)."""
+    import shutil
+    import tempfile
+
+    import psutil
+
+    sys.path.insert(0, str(REPO))
+    from pipelines.celery_services import CeleryCluster
+
+    dag = "twinv2_recluster"
+    pg_root = Path(tempfile.mkdtemp(prefix="twinv2-pg-"))
+    os.chmod(pg_root, 0o711)
+    env = {"TWINV2_ALLOWED_ROOTS": os.pathsep.join({str(data.parent), str(out)}),
+           "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False", "TQDM_MININTERVAL": "30"}
+    c = CeleryCluster(root=out / "celery", pg_dir=pg_root / "data", extra_env=env, pg_fsync=False,
+                      mlflow_in_postgres=True)
+    peak: dict[str, float] = {}
+    together = 0.0
+    try:
+        t_start = time.perf_counter()
+        c.start()
+        started_s = time.perf_counter() - t_start
+        srv = c.airflow
+        token, deadline = srv.token(), time.monotonic() + 300
+        while True:
+            try:
+                srv.api("GET", f"/api/v2/dags/{dag}", token=token)
+                break
+            except Exception:  # noqa: BLE001 - not parsed yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        srv.api("PATCH", f"/api/v2/dags/{dag}", {"is_paused": False}, token)
+        t0 = time.perf_counter()
+        run_id = srv.api("POST", f"/api/v2/dags/{dag}/dagRuns", {"logical_date": None, "conf": {
+            "data": str(data), "n_shards": n}}, token)["dag_run_id"]
+        state, end = None, time.monotonic() + timeout
+        while time.monotonic() < end:
+            for name in srv.workers:
+                rss = 0
+                try:
+                    root = psutil.Process(srv.procs[name].pid)
+                    for p in [root, *root.children(recursive=True)]:
+                        try:
+                            rss += p.memory_info().rss
+                        except psutil.Error:
+                            pass
+                except psutil.Error:
+                    pass
+                peak[name] = max(peak.get(name, 0.0), rss / 2**20)
+            together = max(together, sum(peak.values()))
+            state = srv.api("GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}")["state"]
+            if state in ("success", "failed"):
+                break
+            time.sleep(0.5)
+        wall = time.perf_counter() - t0
+        tis = srv.api("GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
+    finally:
+        c.stop()
+        shutil.rmtree(pg_root, ignore_errors=True)
+    tasks = [{"task": t["task_id"], "map_index": t["map_index"], "state": t["state"], "worker": t.get("hostname"),
+              "duration_s": t.get("duration")} for t in tis]
+    if state != "success":
+        raise SystemExit(f"bench_large: {dag} run {run_id} ended {state}: {tasks}")
+    shards = [t for t in tasks if t["task"] == "cluster_shard"]
+    rec = {"stage": f"cluster via Celery ({n} shards on {len(peak)} workers)", "exit": 0, "wall_s": wall,
+           "cpu_s": None, "peak_rss_mb": max(peak.values()), "concurrent_peak_rss_mb": together,
+           "worker_peak_rss_mb": peak, "services_start_s": started_s, "run_id": run_id, "tasks": tasks,
+           "shard_workers": sorted({t["worker"] for t in shards}),
+           "version": (data / "clusters" / "CURRENT").read_text().strip()}
+    print(f"  {rec['stage']}: {wall:.1f} s wall (services up in {started_s:.0f} s), shards on "
+          f"{rec['shard_workers']}, peak RSS per worker {', '.join(f'{k} {v:.0f} MB' for k, v in peak.items())}",
+          flush=True)
+    return rec
+
+
 def _read(p: Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
@@ -201,11 +282,34 @@ def main() -> None:
     ap.add_argument("--models", default="twinv2,twin")
     ap.add_argument("--no-incremental", action="store_true")
     ap.add_argument("--projection", action="store_true", help="print the projection of OUT/bench_large.json only")
+    ap.add_argument("--celery", action="store_true",
+                    help="only the clustering of OUT/world (generated and validated by an earlier run) sharded over "
+                         "the two Celery workers of `make airflow-celery` (DAG twinv2_recluster, a full build into "
+                         "a fresh clusters/ folder; the earlier one is kept as clusters.before-celery); writes "
+                         "OUT/bench_large_celery.json")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     if args.projection:
         res = json.loads((out / "bench_large.json").read_text())
         print(json.dumps(projection(res), indent=2))
+        return
+    if args.celery:
+        data = out / "world"
+        if not (data / "validated").exists():
+            raise SystemExit(f"bench_large --celery: {data}/validated is missing; run bench_large --out {out} first")
+        if (data / "clusters").exists():
+            keep = data / "clusters.before-celery"
+            if keep.exists():
+                import shutil
+
+                shutil.rmtree(keep)
+            (data / "clusters").rename(keep)
+        rec = celery_recluster(data, args.shards, out)
+        sys.path.insert(0, str(REPO))
+        from twinv2.io import write_json
+
+        write_json(out / "bench_large_celery.json", rec)
+        print(json.dumps(rec, indent=2, default=str))
         return
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
