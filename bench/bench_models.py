@@ -32,7 +32,8 @@ from twinv2.io import write_json  # noqa: E402
 from twinv2.models import build_model  # noqa: E402
 from twinv2.training.loop import TrainConfig, make_optimizer  # noqa: E402
 
-VOCAB = {"item": 200_001, "author": 20_001, "category": 51, "dur_bucket": 21, "cross": [12, 12, 24]}
+VOCAB = {"item": 200_001, "author": 20_001, "category": 51, "dur_bucket": 21, "cross": [12, 12, 24], "pop": 22}
+LIFE_DIM = 14            # base.match_counts over category, author, item: 4 x 3 + 2 (model.virtual_mix)
 
 
 def device_info():
@@ -48,12 +49,16 @@ def random_seq(B, L, g, clusters=False):
     seq["mask"] = mask
     n = torch.randint(1, 40, (B, L), generator=g) if clusters else torch.ones(B, L)
     seq["log_n"] = torch.log(n.float())
+    seq["comp"] = torch.rand(B, L, generator=g) * 1.2            # completion ratio of each row (match counts)
     return seq
 
 
 def random_batch(B, L, S, g, clusters):
-    target = {k: torch.randint(1, VOCAB[k], (B,), generator=g) for k in ("item", "author", "category", "dur_bucket")}
+    target = {k: torch.randint(1, VOCAB[k], (B,), generator=g) for k in ("item", "author", "category", "dur_bucket",
+                                                                          "pop")}
+    target["stats"] = torch.rand(B, 4, generator=g)             # model.target_stats
     return {"target": target, "long": random_seq(B, L, g, clusters), "short": random_seq(B, S, g),
+            "life": torch.rand(B, LIFE_DIM, generator=g),           # model.virtual_mix: whole-life match counts
             "label": torch.randint(0, 2, (B,), generator=g).float(), "user": torch.arange(B)}
 
 
@@ -121,7 +126,8 @@ def scoring(n_candidates: int, n_clusters: int, reps: int) -> dict:
     # one row per candidate, the user's sequences broadcast (views, no copies)
     batch = {"target": cands,
              "long": {k: v.expand(n_candidates, *v.shape[1:]) for k, v in user["long"].items()},
-             "short": {k: v.expand(n_candidates, *v.shape[1:]) for k, v in user["short"].items()}}
+             "short": {k: v.expand(n_candidates, *v.shape[1:]) for k, v in user["short"].items()},
+             "life": torch.rand(n_candidates, LIFE_DIM, generator=g)}
     batch = to(batch, device)
     out = {}
     for mode in ("inline", "cached"):
