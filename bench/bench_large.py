@@ -155,8 +155,7 @@ def celery_recluster(data: Path, n: int, out: Path, timeout: float = 3600) -> di
             for name in srv.workers:
                 rss = 0
                 try:
-                    root = psutil.Process(srv.procs[name].pid)
-                    for p in [root, *root.children(recursive=True)]:
+                    for p in srv.worker_tree(name):
                         try:
                             rss += p.memory_info().rss
                         except psutil.Error:

@@ -321,7 +321,8 @@ class CeleryAirflow(AirflowServices):
         except SystemExit as e:
             raise RuntimeError(str(e)) from None
 
-    def _tree(self, name: str) -> list:
+    def worker_tree(self, name: str) -> list:
+        """The worker's process and every process under it (its pool, task supervisors, task processes)."""
         root = psutil.Process(self.procs[name].pid)
         return [root, *root.children(recursive=True)]
 
@@ -329,7 +330,7 @@ class CeleryAirflow(AirflowServices):
         """SIGSTOP a worker and every process under it: frozen, a running task can neither finish nor report;
         `resume_worker` (SIGCONT) lets it go on. Returns how many processes were stopped."""
         n = 0
-        for p in self._tree(name):
+        for p in self.worker_tree(name):
             try:
                 p.suspend()
                 n += 1
@@ -338,7 +339,7 @@ class CeleryAirflow(AirflowServices):
         return n
 
     def resume_worker(self, name: str) -> None:
-        for p in self._tree(name):
+        for p in self.worker_tree(name):
             try:
                 p.resume()
             except psutil.NoSuchProcess:
@@ -347,8 +348,7 @@ class CeleryAirflow(AirflowServices):
     def kill_worker(self, name: str) -> list[int]:
         """SIGKILL a worker and every process under it (its pool, the task supervisors and the task processes,
         which lead process groups of their own): what the loss of its machine does. Returns the pids."""
-        root = psutil.Process(self.procs[name].pid)
-        tree = [root, *root.children(recursive=True)]
+        tree = self.worker_tree(name)
         for p in tree:
             try:
                 p.kill()
