@@ -32,6 +32,7 @@ from twinv2.io import write_json  # noqa: E402
 PAPER = {"model.target_pop": False, "model.item_init": "random", "model.frozen_tables": [],
          "model.match_counts": [], "model.match_mass": False, "model.target_match": [], "model.watermark_gap": False,
          "model.item_bias": False, "model.author_bias": False, "model.virtual_mix": 0, "model.target_stats": False}
+NO_BIAS = {"model.item_bias": False, "model.author_bias": False}
 COUNTS = {"model.target_pop": True, "model.item_init": "cooc", "model.match_counts": ["category", "author", "item"]}
 ROWS = {
     "paper": PAPER,                                                         # the papers' models, nothing added
@@ -46,10 +47,12 @@ ROWS = {
     "no_mix": {"model.virtual_mix": 0},                                     # default, paper's nearest-member ids
     "no_stats": {"model.target_stats": False},                              # default without the target stats
     "no_mix_no_stats": {"model.virtual_mix": 0, "model.target_stats": False},   # the default before both
-    "item_bias": {"model.item_bias": True},
-    "author_bias": {"model.author_bias": True},                             # a learned scalar per target author
-    "id_bias": {"model.item_bias": True, "model.author_bias": True},
-    "author_free": {"model.frozen_tables": ["item"]},                       # the author table trained
+    # the id biases, measured against the params of their time (both off; on in params.yaml since 2026-12-04)
+    "no_id_bias": NO_BIAS,
+    "item_bias": {**NO_BIAS, "model.item_bias": True},                      # a learned scalar per target item
+    "author_bias": {**NO_BIAS, "model.author_bias": True},                  # a learned scalar per target author
+    "id_bias": {"model.item_bias": True, "model.author_bias": True},         # both (= default since 2026-12-04)
+    "author_free": {**NO_BIAS, "model.frozen_tables": ["item"]},            # the author table trained
 }
 
 
