@@ -8,6 +8,7 @@ weights, epochs without improvement), the per-epoch history, and the torch RNG s
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[Path]:
 def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:   # torn, foreign or not a torch file
         raise ValueError(f"{path}: cannot read the checkpoint ({e}); expected a file written by `twinv2 train`") \
             from None
 
