@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from twinv2.config import load_params
 from twinv2.errors import ConfigError
-from twinv2.io import atomic_path, read_json, write_json
+from twinv2.io import atomic_dir, atomic_path, read_json, write_json
 
 DEFAULT_VARIANT = "default"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -899,11 +899,10 @@ def publish(results_md: str | Path, doc: str | Path) -> Path:
     body = results_md.read_text()
     files = doc.parent / f"{doc.stem}_files"
     src_plots = results_md.parent / "plots"
-    if (files / "plots").exists():
-        shutil.rmtree(files / "plots")
-    (files / "plots").mkdir(parents=True, exist_ok=True)
-    for png in sorted(src_plots.glob("*.png")) if src_plots.is_dir() else ():
-        shutil.copy2(png, files / "plots" / png.name)
+    files.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(files / "plots") as tmp_plots:       # the old plots stay whole until the new set is complete
+        for png in sorted(src_plots.glob("*.png")) if src_plots.is_dir() else ():
+            shutil.copy2(png, tmp_plots / png.name)
     if (results_md.parent / "results.json").exists():
         with atomic_path(files / "results.json") as tmp:
             shutil.copyfile(results_md.parent / "results.json", tmp)

@@ -473,3 +473,32 @@ def test_publish_replaces_the_generated_block(tmp_path):
     assert "run B" in text and "run A" not in text and text.count(benchmark.BEGIN) == 1
     assert "hand-written text" in text and text.rstrip().endswith("after the block")
     assert sorted(p.name for p in (files / "plots").iterdir()) == ["groups.png"]     # replaced, not merged
+
+
+def test_publish_failing_midway_keeps_the_previous_plots(tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    (out / "plots").mkdir(parents=True)
+    (out / "results.md").write_text("# Benchmark results\n\nrun A\n")
+    for name in ("a.png", "b.png"):
+        (out / "plots" / name).write_bytes(b"old " + name.encode())
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    benchmark.publish(out / "results.md", doc)
+    before, files = doc.read_text(), doc.parent / "results_files" / "plots"
+    for name in ("a.png", "b.png"):
+        (out / "plots" / name).write_bytes(b"new " + name.encode())
+    (out / "results.md").write_text("# Benchmark results\n\nrun B\n")
+    real, calls = benchmark.shutil.copy2, []
+
+    def copy_then_fail(src, dst):            # the disk fills up after the first plot
+        calls.append(src)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(benchmark.shutil, "copy2", copy_then_fail)
+    with pytest.raises(OSError):
+        benchmark.publish(out / "results.md", doc)
+    assert doc.read_text() == before                                        # the document is untouched
+    assert {p.name: p.read_bytes() for p in files.iterdir()} == {"a.png": b"old a.png", "b.png": b"old b.png"}
+    assert not [p for p in files.parent.iterdir() if p.name.endswith(".tmp")]  # no temporaries left
