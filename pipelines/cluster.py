@@ -104,12 +104,24 @@ def _load_external_embeddings(spec: str) -> ItemEmbedding:
 
 
 def _bootstrap(data: Path, val: Path, W: int, P: dict, dv: str) -> ItemEmbedding:
-    """Bootstrap embedding, cached per (data version, W, params) under clusters/.embeddings/."""
+    """Bootstrap embedding, cached per (data version, W, params) under clusters/.embeddings/. The shards of one
+    build run at once (Airflow's mapped tasks, `--shard` processes): a lock file beside the cache lets the first
+    compute it while the others wait and then load it, instead of each computing the same table."""
+    from filelock import FileLock
+
     cfg = {"data": dv, "W": W, "dim": P["embedding_dim"], "seed": P["seed"], "window": P.get("cooc_window", 5)}
     version = "bootstrap-" + _digest(cfg)[:16]
     cache = store.clusters_root(data) / ".embeddings" / f"{version}.npz"
     if cache.exists():
         return load_npz(cache, source="bootstrap")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache) + ".lock"):
+        if cache.exists():                              # another shard computed it while this one waited
+            return load_npz(cache, source="bootstrap")
+        return _compute_bootstrap(val, W, P, version, cache)
+
+
+def _compute_bootstrap(val: Path, W: int, P: dict, version: str, cache: Path) -> ItemEmbedding:
     items = read_table(val / "items.parquet", "items")
 
     def chunks():

@@ -262,3 +262,37 @@ def test_incremental_from_sharded_base_updates_in_place(world, cparams):
     st = inc["incremental_stats"]
     assert st["users_rebuilt"] == 0 and st["users_new"] == 0 and st["users_updated"] > 0
     check_version(world, inc["version"], inc["watermark"], P["gamma"], P["group_edges"])
+
+
+def test_shards_starting_together_compute_the_bootstrap_embedding_once(world, cparams, monkeypatch):
+    """Two shards of a full build start at the same moment with no cached embedding: one computes the
+    co-occurrence bootstrap, the other waits on the lock and loads it (the same table, one computation)."""
+    import threading
+    import time
+
+    real, calls = cluster.bootstrap, []
+
+    def slow_bootstrap(*a, **k):                    # long enough for the other shard to miss the cache
+        calls.append(threading.get_ident())
+        time.sleep(0.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cluster, "bootstrap", slow_bootstrap)
+    reps, errors = {}, []
+
+    def shard(i):
+        try:
+            reps[i] = cluster.run(world, shard=f"{i}/2", params=cparams)
+        except Exception as e:                      # surfaced below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=shard, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(calls) == 1
+    assert reps[0]["version"] == reps[1]["version"]
+    assert store.current_version(world) == reps[0]["version"]       # the shard completing the set published it
+    emb = load_npz(store.version_dir(world, reps[0]["version"]) / "embeddings.npz")
+    assert emb.version.startswith("bootstrap-")
