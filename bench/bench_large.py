@@ -137,21 +137,9 @@ def celery_recluster(data: Path, n: int, out: Path, timeout: float = 3600) -> di
         c.start()
         started_s = time.perf_counter() - t_start
         srv = c.airflow
-        token, deadline = srv.token(), time.monotonic() + 300
-        while True:
-            try:
-                srv.api("GET", f"/api/v2/dags/{dag}", token=token)
-                break
-            except Exception:  # noqa: BLE001 - not parsed yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
-        srv.api("PATCH", f"/api/v2/dags/{dag}", {"is_paused": False}, token)
-        t0 = time.perf_counter()
-        run_id = srv.api("POST", f"/api/v2/dags/{dag}/dagRuns", {"logical_date": None, "conf": {
-            "data": str(data), "n_shards": n}}, token)["dag_run_id"]
-        state, end = None, time.monotonic() + timeout
-        while time.monotonic() < end:
+
+        def sample_rss():                             # each worker's process tree: tasks run in processes under it
+            nonlocal together
             for name in srv.workers:
                 rss = 0
                 try:
@@ -164,12 +152,12 @@ def celery_recluster(data: Path, n: int, out: Path, timeout: float = 3600) -> di
                     pass
                 peak[name] = max(peak.get(name, 0.0), rss / 2**20)
             together = max(together, sum(peak.values()))
-            state = srv.api("GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}")["state"]
-            if state in ("success", "failed"):
-                break
-            time.sleep(0.5)
+
+        t0 = time.perf_counter()
+        run_id = srv.trigger(dag, {"data": str(data), "n_shards": n}, parse_timeout=300)[0]
+        state = srv.wait_run(dag, run_id, timeout, poll_s=0.5, on_poll=sample_rss, verbose=False)
         wall = time.perf_counter() - t0
-        tis = srv.api("GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
+        tis = srv.task_instances(dag, run_id)
     finally:
         c.stop()
         shutil.rmtree(pg_root, ignore_errors=True)

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
 from pathlib import Path
 
 from twinv2.config import REPO_ROOT, load_params
@@ -102,47 +101,18 @@ def run_scheduled(data: Path, runs: Path, home: Path, conf_extra: dict | None = 
            "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30")}
     conf = {"data": str(data), "runs": str(runs), **(conf_extra or {})}
     with AirflowServices(home=home, extra_env=env) as srv:
-        token, deadline = srv.token(), time.monotonic() + 180
-        while True:                                   # the dag-processor has parsed the DAG folder
-            try:
-                paused = srv.api("GET", "/api/v2/dags/twinv2_daily", token=token)["is_paused"]
-                break
-            except urllib.error.HTTPError as e:
-                if e.code != 404 or time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
-        # a paused DAG's runs are not scheduled: unpause for this run (the scheduler makes no timetable run:
-        # use_job_schedule is off), pause again afterwards when it was paused
-        srv.api("PATCH", "/api/v2/dags/twinv2_daily", {"is_paused": False}, token)
+        # unpaused for this run (the scheduler makes no timetable run: use_job_schedule is off), paused again
+        # afterwards when it was paused
+        run_id, paused = srv.trigger("twinv2_daily", conf)
         try:
-            run = srv.api("POST", "/api/v2/dags/twinv2_daily/dagRuns", {"logical_date": None, "conf": conf}, token)
-            run_id = run["dag_run_id"]
-            state = _wait_run(srv, run_id, timeout)
+            state = srv.wait_run("twinv2_daily", run_id, timeout)
         finally:
             if paused:
                 srv.api("PATCH", "/api/v2/dags/twinv2_daily", {"is_paused": True})
         if state != "success":
-            tis = srv.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}/taskInstances")["task_instances"]
-            states = {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in tis}
+            states = {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in srv.task_instances("twinv2_daily", run_id)}
             raise RuntimeError(f"twinv2_daily run {run_id} ended {state}: {states}; task logs under {home / 'logs'}")
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
-
-
-def _wait_run(srv, run_id: str, timeout: float) -> str | None:
-    """Poll the run until it ends; print which tasks run (by their mapped names)."""
-    end, state, last = time.monotonic() + timeout, None, ""
-    while time.monotonic() < end:
-        state = srv.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}")["state"]
-        if state in ("success", "failed"):
-            return state
-        tis = srv.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}/taskInstances")["task_instances"]
-        running = sorted(f"{t['task_id']}[{t.get('rendered_map_index') or t['map_index']}]"
-                         for t in tis if t["state"] == "running")
-        if running and ", ".join(running) != last:
-            last = ", ".join(running)
-            print(f"      running: {last}", flush=True)
-        time.sleep(3)
-    return state
 
 
 def main(argv: list[str] | None = None) -> int:

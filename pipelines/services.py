@@ -219,6 +219,46 @@ class AirflowServices:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read() or b"{}")
 
+    # DAG runs over the REST API: what `make run`, the DAG tests and bench_large do with a started set-up
+    def trigger(self, dag_id: str, conf: dict, parse_timeout: float = 180) -> tuple[str, bool]:
+        """Wait until the dag-processor has parsed DAG_ID, unpause it (a paused DAG's runs are not scheduled),
+        POST a run with CONF. Returns (dag_run_id, whether the DAG was paused before)."""
+        token, deadline = self.token(), time.monotonic() + parse_timeout
+        while True:
+            try:
+                paused = bool(self.api("GET", f"/api/v2/dags/{dag_id}", token=token)["is_paused"])
+                break
+            except urllib.error.HTTPError as e:
+                if e.code != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        self.api("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False}, token)
+        run = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf}, token)
+        return run["dag_run_id"], paused
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float, poll_s: float = 3.0, on_poll=None,
+                 verbose: bool = True) -> str | None:
+        """Poll the run until it ends ("success" / "failed"; the last state seen when `timeout` s pass). Prints
+        the running tasks by their mapped names when they change (verbose); calls on_poll() at each poll."""
+        end, state, last = time.monotonic() + timeout, None, ""
+        while time.monotonic() < end:
+            if on_poll is not None:
+                on_poll()
+            state = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            if state in ("success", "failed"):
+                return state
+            if verbose:
+                running = sorted(f"{t['task_id']}[{t.get('rendered_map_index') or t['map_index']}]"
+                                 for t in self.task_instances(dag_id, run_id) if t["state"] == "running")
+                if running and ", ".join(running) != last:
+                    last = ", ".join(running)
+                    print(f"      running: {last}", flush=True)
+            time.sleep(poll_s)
+        return state
+
     def stop(self) -> None:
         _stop(list(self.procs.values()), grace=20)
         self.procs = {}

@@ -94,20 +94,10 @@ def test_trigger_daily_through_rest_and_read_back_mlflow(airflow, mlflow_server,
     # MLflow resolves logged-model artifacts through the global tracking URI: point it at the server too
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
 
-    token = airflow.token()
-    airflow.api("PATCH", "/api/v2/dags/twinv2_daily", {"is_paused": False}, token)
     conf = {"data": str(tiny_world), "runs": str(tmp_path / "runs"), "train_epochs": 1, "n_shards": 2}
-    run = airflow.api("POST", "/api/v2/dags/twinv2_daily/dagRuns", {"logical_date": None, "conf": conf}, token)
-    run_id = run["dag_run_id"]
-    deadline = time.monotonic() + 480
-    state = None
-    while time.monotonic() < deadline:
-        state = airflow.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}", token=airflow.token())["state"]
-        if state in ("success", "failed"):
-            break
-        time.sleep(3)
-    tis = airflow.api("GET", f"/api/v2/dags/twinv2_daily/dagRuns/{run_id}/taskInstances", token=airflow.token())
-    states = {(t["task_id"], t["map_index"]): t["state"] for t in tis["task_instances"]}
+    run_id = airflow.trigger("twinv2_daily", conf)[0]
+    state = airflow.wait_run("twinv2_daily", run_id, timeout=480, verbose=False)
+    states = {(t["task_id"], t["map_index"]): t["state"] for t in airflow.task_instances("twinv2_daily", run_id)}
     assert state == "success", f"run {run_id} ended {state}: {states}\n" + "".join(
         p.read_text()[-1500:] for p in Path(airflow.home).glob("scheduler.log"))
     assert states[("cluster_shard", 0)] == states[("cluster_shard", 1)] == "success"

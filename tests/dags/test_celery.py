@@ -19,7 +19,6 @@ import os
 import shutil
 import tempfile
 import time
-import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,26 +62,15 @@ def cluster(tmp_path_factory):
 
 
 def _tis(c: CeleryCluster, run_id: str) -> list[dict]:
-    return c.airflow.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
+    return c.airflow.task_instances(DAG, run_id)
 
 
 def _trigger(c: CeleryCluster, conf: dict) -> str:
-    srv = c.airflow
-    token, deadline = srv.token(), time.monotonic() + 180
-    while True:                                      # the dag-processor has parsed the DAG folder
-        try:
-            srv.api("GET", f"/api/v2/dags/{DAG}", token=token)
-            break
-        except urllib.error.HTTPError as e:
-            if e.code != 404 or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-    srv.api("PATCH", f"/api/v2/dags/{DAG}", {"is_paused": False}, token)
-    return srv.api("POST", f"/api/v2/dags/{DAG}/dagRuns", {"logical_date": None, "conf": conf}, token)["dag_run_id"]
+    return c.airflow.trigger(DAG, conf)[0]
 
 
 def _finish(c: CeleryCluster, run_id: str, timeout: float = 900) -> list[dict]:
-    state = main_job._wait_run(c.airflow, run_id, timeout)
+    state = c.airflow.wait_run(DAG, run_id, timeout)
     tis = _tis(c, run_id)
     assert state == "success", (state, {f"{t['task_id']}[{t['map_index']}]": (t["state"], t["hostname"])
                                         for t in tis})
