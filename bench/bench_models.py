@@ -31,9 +31,10 @@ from twinv2.config import load_params  # noqa: E402
 from twinv2.io import write_json  # noqa: E402
 from twinv2.models import build_model  # noqa: E402
 from twinv2.training.loop import TrainConfig, make_optimizer  # noqa: E402
+from twinv2.training.samples import MIX_FIELDS  # noqa: E402
 
 VOCAB = {"item": 200_001, "author": 20_001, "category": 51, "dur_bucket": 21, "cross": [12, 12, 24], "pop": 22}
-LIFE_DIM = 14            # base.match_counts over category, author, item: 4 x 3 + 2 (model.virtual_mix)
+LIFE_DIM = 4 * len(MIX_FIELDS) + 2      # base.match_counts over the whole life cycle (model.virtual_mix)
 
 
 def device_info():

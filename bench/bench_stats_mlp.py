@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     world = load_world(args.data, need_clusters=False)
     fz = Featurizer.from_world(world)
-    S = {s: world.samples(s) for s in ("train", "valid", "test")}
+    S = {s: world.samples(s) for s in ("train", "test")}
     X = {s: fz(S[s]) for s in ("train", "test")}
     enc = encoders(X["train"], args.bins)
     rows = []
