@@ -53,6 +53,7 @@ ROWS = {
     "author_bias": {**NO_BIAS, "model.author_bias": True},                  # a learned scalar per target author
     "id_bias": {"model.item_bias": True, "model.author_bias": True},         # both (= default since 2026-12-04)
     "author_free": {**NO_BIAS, "model.frozen_tables": ["item"]},            # the author table trained
+    "user_bias": {"model.user_bias": True},                                 # + a learned scalar per user
 }
 
 

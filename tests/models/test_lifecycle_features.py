@@ -194,3 +194,28 @@ def test_id_biases_add_the_target_rows_to_the_logit(name):
     biased(batch).sum().backward()
     assert biased.author_bias.weight.grad[0].abs().sum() == 0 and biased.item_bias.weight.grad[0].abs().sum() == 0
     assert biased.author_bias.weight.grad[batch["target"]["author"]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["twinv2", "sim_soft"])
+def test_user_bias_adds_the_users_hashed_row_to_the_logit(name):
+    """user_bias: the logit plus the scalar in row 1 + (user_id mod (buckets - 1)) (checked per sample against
+    that formula, two users sharing a row share the scalar); zero at init; no 'user' in the batch is a clear error."""
+    batch = make_batch(B=6, L=12, seed=5, clusters=name == "twinv2")
+    batch["user"] = torch.tensor([3, 10, 17, 3, 0, 123456789], dtype=torch.int64)   # 3, 10, 17 share row 4 (mod 7)
+    plain = build_model(name, VOCAB, SMALL).eval()
+    biased = build_model(name, VOCAB, {**SMALL, "user_bias": True, "user_bias_buckets": 8}).eval()
+    missing, unexpected = biased.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["user_bias.weight"] and not unexpected
+    with torch.no_grad():
+        assert torch.equal(biased(batch), plain(batch))
+        biased.user_bias.weight.normal_()
+        got, want = biased(batch), plain(batch).clone()
+        for b in range(6):
+            want[b] += biased.user_bias.weight[1 + int(batch["user"][b]) % 7, 0]
+        d = got - plain(batch)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(d[[1, 2, 3]], d[[0, 0, 0]])              # one row, one scalar
+    with pytest.raises(ValueError, match="'user'"):
+        biased({k: v for k, v in batch.items() if k != "user"})
+    with pytest.raises(ValueError, match="user_bias_buckets"):
+        build_model(name, VOCAB, {**SMALL, "user_bias": True, "user_bias_buckets": 1})

@@ -36,7 +36,13 @@ class CTRModel(nn.Module):
         self.item_bias = nn.Embedding(vocab["item"], 1, padding_idx=0) if p.get("item_bias") else None
         # the same for the target's author (a scalar per author: the author's quality, outside the attention)
         self.author_bias = nn.Embedding(vocab["author"], 1, padding_idx=0) if p.get("author_bias") else None
-        for b in (self.item_bias, self.author_bias):
+        # a learned scalar per user (the user's base rate, which the behaviours need not show), the user id hashed
+        # into `user_bias_buckets` rows: row 1 + (user_id mod (buckets - 1)); row 0 = no user
+        self.user_buckets = int(p.get("user_bias_buckets", 65_536))
+        if p.get("user_bias") and self.user_buckets < 2:
+            raise ValueError(f"params model.user_bias_buckets must be >= 2, got {self.user_buckets}")
+        self.user_bias = nn.Embedding(self.user_buckets, 1, padding_idx=0) if p.get("user_bias") else None
+        for b in (self.item_bias, self.author_bias, self.user_bias):
             if b is not None:
                 nn.init.zeros_(b.weight)
         self.watermark_gap = bool(p.get("watermark_gap", False)) and self.long_source == "clusters"
@@ -96,7 +102,16 @@ class CTRModel(nn.Module):
             logit = logit + self.item_bias(batch["target"]["item"]).squeeze(-1).to(logit.dtype)
         if self.author_bias is not None:
             logit = logit + self.author_bias(batch["target"]["author"]).squeeze(-1).to(logit.dtype)
+        if self.user_bias is not None:
+            logit = logit + self.user_bias(self.user_row(batch)).squeeze(-1).to(logit.dtype)
         return logit
+
+    def user_row(self, batch: dict) -> torch.Tensor:
+        """Row of the user-bias table of each sample: 1 + (user_id mod (buckets - 1)); (B,) int64."""
+        if "user" not in batch:
+            raise ValueError("batch lacks 'user' (B,) user ids: this model has model.user_bias on")
+        u = batch["user"].to(batch["target"]["item"].device).long()
+        return 1 + torch.remainder(u, self.user_buckets - 1)
 
     def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions of the long sequence the model reads -> idx (B, k) int64, valid (B, k) bool.

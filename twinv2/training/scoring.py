@@ -91,7 +91,8 @@ class RunScorer:
         one = to_device(ds[[0]], self.device)                  # the user's sequences, built once
         batch = {"target": to_device(ds.targets(np.arange(n)), self.device),
                  "long": {k: x.expand(n, *x.shape[1:]) for k, x in one["long"].items()},
-                 "short": {k: x.expand(n, *x.shape[1:]) for k, x in one["short"].items()}}
+                 "short": {k: x.expand(n, *x.shape[1:]) for k, x in one["short"].items()},
+                 "user": torch.full((n,), int(user), dtype=torch.int64, device=self.device)}
         if ds.life is not None:                                # virtual_mix: life-cycle counts per candidate
             batch["life"] = ds.life_counts(np.arange(n)).to(self.device)
         with autocast(self.device):
