@@ -32,6 +32,8 @@ class CTRModel(nn.Module):
         self.count_fields = tuple(p.get("match_counts") or ())
         # the target's views and mean completion before ts, and its author's (target["stats"], 4 numbers)
         self.target_stats = bool(p.get("target_stats", False))
+        # the user's earlier train labels: ln(1 + n), (k + p0) / (n + 1) (target["feedback"], twinv2.training.feedback)
+        self.user_feedback = bool(p.get("user_feedback", False))
         # a learned scalar per target item added to the logit (the "wide" item bias of CTR models), init 0
         self.item_bias = nn.Embedding(vocab["item"], 1, padding_idx=0) if p.get("item_bias") else None
         # the same for the target's author (a scalar per author: the author's quality, outside the attention)
@@ -67,6 +69,8 @@ class CTRModel(nn.Module):
                                  f"{list(self.count_fields)}: set it to [category, author, item] or virtual_mix: 0")
         if self.target_stats:
             other += 4
+        if self.user_feedback:
+            other += 2
         self.head = MLP(self.features.d_h + self.short.out_dim + long_dim + other, list(p["mlp"]))
 
     def parts(self) -> tuple[str, ...]:
@@ -89,6 +93,11 @@ class CTRModel(nn.Module):
             x.append(self.pop(batch["target"]["pop"]))           # (B, side_dim)
         if self.target_stats:
             x.append(batch["target"]["stats"])                   # (B, 4)
+        if self.user_feedback:
+            if "feedback" not in batch["target"]:
+                raise ValueError("batch['target'] lacks 'feedback' (B, 2): this model has model.user_feedback on "
+                                 "(samples built by World.samples carry it)")
+            x.append(batch["target"]["feedback"])                # (B, 2)
         for part in self.parts() if self.count_fields else ():
             if part == "long" and self.mix_slots:                   # whole life cycle (virtual_mix)
                 if "life" not in batch:

@@ -388,6 +388,11 @@ class Samples:
     item_id: np.ndarray     # (M,) raw target item id
     label: np.ndarray       # (M,) float32
     p_true: np.ndarray      # (M,) float32, NaN where unknown
+    # the user's earlier train labels (twinv2.training.feedback; World.samples fills them): n, positives k, and
+    # p0 the train split's positive rate. None: not computed (a model reading them raises)
+    fb_n: np.ndarray | None = None      # (M,) int64
+    fb_k: np.ndarray | None = None      # (M,) float64
+    fb_prior: float = 0.5
 
     def __len__(self) -> int:
         return len(self.user)
@@ -560,10 +565,15 @@ class SampleSet(torch.utils.data.Dataset):
         # target_stats: ln(1 + views), mean completion of the views (0 if none), the same for the author
         stats = np.stack([np.log1p(views), vcomp / np.maximum(views, 1), np.log1p(aviews),
                           acomp / np.maximum(aviews, 1)], axis=1).astype(np.float32)          # (B, 4)
-        return {"item": torch.from_numpy(item), "author": torch.from_numpy(author),
-                "category": torch.from_numpy(v.item_category[item]),
-                "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64)),
-                "pop": torch.from_numpy(pop), "stats": torch.from_numpy(stats)}
+        out = {"item": torch.from_numpy(item), "author": torch.from_numpy(author),
+               "category": torch.from_numpy(v.item_category[item]),
+               "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64)),
+               "pop": torch.from_numpy(pop), "stats": torch.from_numpy(stats)}
+        s = self.samples
+        if s.fb_n is not None:      # user_feedback: ln(1 + n), (k + p0) / (n + 1) of the user's earlier train labels
+            n, k = s.fb_n[i], s.fb_k[i]
+            out["feedback"] = torch.from_numpy(np.stack([np.log1p(n), (k + s.fb_prior) / (n + 1.0)], 1).astype(np.float32))
+        return out
 
 
     def gap_bounds(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

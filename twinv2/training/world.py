@@ -48,7 +48,19 @@ class World:
                 self.excluded = {}
             self.excluded[split] = int(before.sum())
             imp = imp[~before]
-        return make_samples(imp.reset_index(drop=True), self.hist, self.vocab, self.clusters, self.watermark)
+        s = make_samples(imp.reset_index(drop=True), self.hist, self.vocab, self.clusters, self.watermark)
+        fb = self.feedback()
+        s.fb_n, s.fb_k = fb.counts(s.user, s.ts)
+        s.fb_prior = fb.prior
+        return s
+
+    def feedback(self):
+        """The train split's labels by (user, ts) (twinv2.training.feedback.Feedback), built once."""
+        from twinv2.training.feedback import Feedback
+
+        if getattr(self, "_feedback", None) is None:
+            self._feedback = Feedback.from_impressions(self.impressions)
+        return self._feedback
 
     def dataset(self, samples: Samples, model) -> SampleSet:
         J = int(getattr(model, "mix_slots", 0) or 0) if model.long_source == "clusters" else 0

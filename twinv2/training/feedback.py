@@ -1,0 +1,59 @@
+"""The user's own earlier feedback: how many of the user's labelled train-split impressions came strictly before
+a sample's ts, and how many of them were positive. A user's base rate (the user bias of most CTR logs, and of the
+synthetic world's labels) is not in the behaviour log; it is in these labels.
+
+    n(u, t) = #{train impressions of u with ts' < t},   k(u, t) = #{those with label 1}
+
+Leakage rule: strictly before t, so a training sample never counts its own label or a later one, and valid /
+test samples count the train labels only (never another evaluation label). Used by the neural head
+(`model.user_feedback`: ln(1 + n) and (k + p0) / (n + 1), p0 = the train split's positive rate) and by the gbdt
+anchor (`gbdt.user_feedback`: ln(1 + n) and k / n, NaN when n = 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """Train-split labels sorted by (user, ts): two binary searches per query."""
+
+    user: np.ndarray      # (R,) int64 sorted by (user, ts)
+    ts: np.ndarray        # (R,) int64
+    cum: np.ndarray       # (R+1,) positives prefix sums
+    prior: float          # p0: the positive rate of all train impressions (0.5 when there are none)
+
+    @classmethod
+    def from_impressions(cls, impressions: pd.DataFrame) -> "Feedback":
+        """From impressions (user_id, ts, label, split): the rows of split 'train'."""
+        imp = impressions[impressions["split"] == "train"] if "split" in impressions.columns else impressions
+        u, t = imp["user_id"].to_numpy(np.int64), imp["ts"].to_numpy(np.int64)
+        y = imp["label"].to_numpy(np.float64)
+        o = np.lexsort((t, u))
+        prior = float(y.mean()) if len(y) else 0.5
+        return cls(u[o], t[o], np.concatenate([[0.0], np.cumsum(y[o])]), prior)
+
+    def counts(self, users: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, k) of each query (users[i], ts[i]): (M,) int64 and (M,) float64."""
+        users, ts = np.asarray(users, np.int64), np.asarray(ts, np.int64)
+        if not len(self.user):
+            return np.zeros(len(users), np.int64), np.zeros(len(users), np.float64)
+        # one sorted key per row: rank(user) * (T + 1) + rank(ts) over the T distinct train times
+        uu, tt = np.unique(self.user), np.unique(self.ts)
+        key = np.searchsorted(uu, self.user) * (len(tt) + 1) + np.searchsorted(tt, self.ts)
+        r_q = np.searchsorted(uu, users)
+        known = (r_q < len(uu)) & (uu[np.minimum(r_q, len(uu) - 1)] == users)
+        base = r_q * (len(tt) + 1)
+        lo = np.searchsorted(key, base, side="left")
+        hi = np.searchsorted(key, base + np.searchsorted(tt, ts, side="left"), side="left")   # ts' < t
+        n = np.where(known, hi - lo, 0)
+        k = np.where(known, self.cum[hi] - self.cum[lo], 0.0)
+        return n.astype(np.int64), k
+
+    def head_features(self, users: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """(M, 2) float32: ln(1 + n), (k + p0) / (n + 1) (the rate with one pseudo-impression at p0)."""
+        n, k = self.counts(users, ts)
+        return np.stack([np.log1p(n), (k + self.prior) / (n + 1.0)], axis=1).astype(np.float32)
