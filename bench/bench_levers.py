@@ -54,7 +54,7 @@ ROWS = {
     "id_bias": {"model.item_bias": True, "model.author_bias": True},         # both (= default since 2026-12-04)
     "author_free": {**NO_BIAS, "model.frozen_tables": ["item"]},            # the author table trained
     "user_bias": {"model.user_bias": True},                                 # + a learned scalar per user
-    "user_feedback": {"model.user_feedback": True},                         # + the user's earlier train labels
+    "user_feedback": {"model.user_feedback": True, "gbdt.user_feedback": True},   # + the user's earlier train labels
 }
 
 

@@ -29,7 +29,7 @@ from twinv2.training.world import load_world
 
 def run(data: str | Path, out: str | Path, params: dict, resume: bool = False,
         warm_start: str | Path | None = None) -> dict:
-    from twinv2.models.gbdt import FEATURE_NAMES, FEATURES, Featurizer, GBDTModel, fit, gbdt_params
+    from twinv2.models.gbdt import FEATURES, FEEDBACK_FEATURES, Featurizer, GBDTModel, fit, gbdt_params
 
     from pipelines.train import _flat, _mlflow, _save_state_dict, _Tracking
 
@@ -48,7 +48,8 @@ def run(data: str | Path, out: str | Path, params: dict, resume: bool = False,
     if len(np.unique(tr.label)) < 2:
         raise ValueError(f"{data}: the train split holds only label {tr.label[0]:g}; expected both 0 and 1")
     tf = time.perf_counter()
-    feat = Featurizer.from_world(world, gp["recent_n"], gp["recent_frac"])
+    feat = Featurizer.from_world(world, gp["recent_n"], gp["recent_frac"], bool(gp["user_feedback"]))
+    names = feat.names
     X_tr, X_va = feat(tr), feat(va)
     feat_s = time.perf_counter() - tf
     config = {"model": "gbdt", "data": str(Path(data).resolve()), "params": {"gbdt": gp, "train": tp},
@@ -56,7 +57,7 @@ def run(data: str | Path, out: str | Path, params: dict, resume: bool = False,
               "cluster_version": None, "watermark": None, "n_train": len(tr), "n_valid": len(va), "device": "cpu",
               "sample_floor": world.sample_floor, "excluded_before_watermark": world.excluded or {}, "world_size": 1,
               "warm_start": None, "data_source": world.meta.get("source"),
-              "feature_names": list(FEATURE_NAMES), "features": FEATURES,
+              "feature_names": list(names), "features": {**FEATURES, **(FEEDBACK_FEATURES if feat.user_feedback else {})},
               "model_format": "model.pt: dict of tensors (trees as arrays), torch.load(weights_only=True)"}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
@@ -83,7 +84,7 @@ def run(data: str | Path, out: str | Path, params: dict, resume: bool = False,
             best = history[-1]["valid_gauc"] if history else None
         model = GBDTModel.from_sklearn(est, best_k, gp["recent_n"], gp["recent_frac"])
         _save_state_dict(out / "model.pt", model.to_state())
-        gain = np.zeros(len(FEATURE_NAMES))
+        gain = np.zeros(len(names))
         for pred in est._predictors[:best_k]:
             nodes = pred[0].nodes
             inner = nodes["is_leaf"] == 0
@@ -95,7 +96,7 @@ def run(data: str | Path, out: str | Path, params: dict, resume: bool = False,
                   "samples_per_s": len(tr) / fit_s if fit_s > 0 else None, "n_train": len(tr), "n_valid": len(va),
                   "world_size": 1, "device": "cpu", "excluded_before_watermark": world.excluded or {},
                   "cluster_version": None, "embedding_version": None, "trees": int(best_k),
-                  "feature_gain": {n: float(g) for n, g in sorted(zip(FEATURE_NAMES, gain), key=lambda x: -x[1])},
+                  "feature_gain": {n: float(g) for n, g in sorted(zip(names, gain), key=lambda x: -x[1])},
                   "total_wall_s": wall}
         if resume:
             report["resume"] = "gbdt has no checkpoints: refitted from scratch (deterministic for a seed)"

@@ -268,3 +268,25 @@ def test_fit_accepts_a_feature_column_without_any_value():
     Xq[:, 2] = np.nan
     np.testing.assert_allclose(m.predict_raw(Xq), est.decision_function(np.where(np.isnan(Xq), 0.0, Xq)), rtol=1e-9)
     np.testing.assert_allclose(m.predict_raw(Xq), m.predict_raw(np.where(np.isnan(Xq), 0.0, Xq)), rtol=1e-12)
+
+
+def test_user_feedback_features_equal_the_per_sample_loop(tiny):
+    """gbdt.user_feedback: the two extra columns through World.samples (the library path) equal the plain loop over
+    the labelled impressions (train split, strictly earlier); the other 23 columns are unchanged."""
+    world, beh = tiny
+    s = world.samples(None)
+    imp = world.impressions[["user_id", "item_id", "ts", "label", "split"]]
+    got = Featurizer.from_world(world, user_feedback=True)(s)
+    ref = reference_features(beh, world.items, imp, feedback=imp)
+    assert got.shape == ref.shape == (len(imp), len(FEATURE_NAMES) + 2)
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(got[:, :len(FEATURE_NAMES)], Featurizer.from_world(world)(s))
+    n = np.rint(np.expm1(got[:, -2]))
+    assert n.max() > 0 and np.isnan(got[n == 0, -1]).all()
+    test = (imp["split"] == "test").to_numpy()
+    first_test = imp.loc[test].groupby("user_id")["ts"].transform("min").to_numpy() == imp.loc[test, "ts"].to_numpy()
+    train_n = imp[imp.split == "train"].groupby("user_id").size()
+    # a test sample counts all of its user's train labels (they are all earlier) and no test label
+    want = imp.loc[test, "user_id"].map(train_n).fillna(0).to_numpy()
+    np.testing.assert_array_equal(n[test][first_test], want[first_test])
+    np.testing.assert_array_equal(n[test], want)

@@ -219,3 +219,20 @@ def test_user_bias_adds_the_users_hashed_row_to_the_logit(name):
         biased({k: v for k, v in batch.items() if k != "user"})
     with pytest.raises(ValueError, match="user_bias_buckets"):
         build_model(name, VOCAB, {**SMALL, "user_bias": True, "user_bias_buckets": 1})
+
+
+@pytest.mark.parametrize("name", ["twinv2", "twin"])
+def test_user_feedback_reaches_the_head(name):
+    """user_feedback: target["feedback"] (B, 2) is an input of the head (changing it changes the logit, only of
+    the samples whose feedback changed); a batch without it is a clear error."""
+    batch = make_batch(B=4, L=10, seed=6, clusters=name == "twinv2")
+    batch["target"]["feedback"] = torch.tensor([[0.0, 0.3], [1.0, 0.2], [2.0, 0.5], [3.0, 0.1]])
+    model = build_model(name, VOCAB, {**SMALL, "user_feedback": True}).eval()
+    with torch.no_grad():
+        base = model(batch)
+        other = {**batch, "target": {**batch["target"], "feedback": batch["target"]["feedback"].clone()}}
+        other["target"]["feedback"][2] = torch.tensor([4.0, 0.9])
+        changed = model(other)
+    assert torch.equal(changed[[0, 1, 3]], base[[0, 1, 3]]) and changed[2] != base[2]
+    with pytest.raises(ValueError, match="feedback"):
+        model({**batch, "target": {k: v for k, v in batch["target"].items() if k != "feedback"}})

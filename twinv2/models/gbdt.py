@@ -39,6 +39,7 @@ DEFAULTS = {
     "select_on_valid": True,    # keep the prefix of trees with the best valid GAUC (as epochs are chosen)
     "recent_n": 50,             # H_n: the last n behaviours of H
     "recent_frac": 0.1,         # H_f: the last max(1, ceil(f * p)) behaviours of H
+    "user_feedback": False,     # + FEEDBACK_FEATURES: the user's earlier train labels (twinv2.training.feedback)
 }
 
 # name: formula (w_b = min(play_ms / max(duration_ms, 1), 1), the completion weight of a behaviour;
@@ -69,6 +70,16 @@ FEATURES = {
     "log_duration": "ln(target duration_ms / 1000) from the items table (NaN if unknown or <= 0)",
 }
 FEATURE_NAMES = tuple(FEATURES)
+# gbdt.user_feedback: the user's labelled train impressions strictly before t (never its own or an evaluation label)
+FEEDBACK_FEATURES = {
+    "user_feedback_count_log": "ln(1 + n), n = #{train impressions of the user with ts < t}",
+    "user_feedback_rate": "k / n, k = how many of them have label 1 (NaN if n = 0)",
+}
+
+
+def feature_names(user_feedback: bool = False) -> tuple:
+    """The feature columns of a gbdt run: FEATURE_NAMES, then FEEDBACK_FEATURES with gbdt.user_feedback."""
+    return FEATURE_NAMES + (tuple(FEEDBACK_FEATURES) if user_feedback else ())
 
 
 def gbdt_params(params: dict | None) -> dict:
@@ -141,8 +152,10 @@ class Featurizer:
     indices (RowFeatures of the raw store); vocab: the run's Vocab (target attributes)."""
 
     def __init__(self, hist, item: np.ndarray, author: np.ndarray, category: np.ndarray, vocab,
-                 recent_n: int = 50, recent_frac: float = 0.1):
+                 recent_n: int = 50, recent_frac: float = 0.1, user_feedback: bool = False):
         self.hist, self.vocab = hist, vocab
+        self.user_feedback = bool(user_feedback)
+        self.names = feature_names(self.user_feedback)
         self.recent_n, self.recent_frac = int(recent_n), float(recent_frac)
         ts = np.asarray(hist.cols["ts"], np.int64)
         n = len(ts)
@@ -162,11 +175,12 @@ class Featurizer:
         self.g_item = _RangeIndex(item, rank, w)
 
     @classmethod
-    def from_world(cls, world, recent_n: int = 50, recent_frac: float = 0.1) -> "Featurizer":
-        return cls(world.hist, world.raw.item, world.raw.author, world.raw.category, world.vocab, recent_n, recent_frac)
+    def from_world(cls, world, recent_n: int = 50, recent_frac: float = 0.1, user_feedback: bool = False) -> "Featurizer":
+        return cls(world.hist, world.raw.item, world.raw.author, world.raw.category, world.vocab, recent_n, recent_frac,
+                   user_feedback)
 
     def __call__(self, samples) -> np.ndarray:
-        """(M, len(FEATURE_NAMES)) float64 features of Samples (user index, position, ts, target item)."""
+        """(M, len(self.names)) float64 features of Samples (user index, position, ts, target item[, fb_n, fb_k])."""
         v, h = self.vocab, self.hist
         ok_u = samples.uidx >= 0
         lo = np.where(ok_u, h.offsets[np.where(ok_u, samples.uidx, 0)], 0).astype(np.int64) if len(h.offsets) > 1 \
@@ -217,17 +231,24 @@ class Featurizer:
         dur = v.item_duration_ms[i] / 1000.0
         with np.errstate(divide="ignore", invalid="ignore"):
             f["log_duration"] = np.where(dur > 0, np.log(np.where(dur > 0, dur, 1.0)), np.nan)
-        X = np.stack([np.asarray(f[k], np.float64) for k in FEATURE_NAMES], axis=1) if len(samples) else \
-            np.zeros((0, len(FEATURE_NAMES)))
+        if self.user_feedback:
+            if samples.fb_n is None:
+                raise ValueError("gbdt.user_feedback needs the samples' earlier train labels (Samples.fb_n / fb_k, "
+                                 "filled by World.samples)")
+            f["user_feedback_count_log"] = np.log1p(samples.fb_n)
+            f["user_feedback_rate"] = _div(samples.fb_k, samples.fb_n)
+        X = np.stack([np.asarray(f[k], np.float64) for k in self.names], axis=1) if len(samples) else \
+            np.zeros((0, len(self.names)))
         X[~np.isfinite(X)] = np.nan
         return X
 
 
 def reference_features(behaviors: pd.DataFrame, items: pd.DataFrame, impressions: pd.DataFrame,
-                       recent_n: int = 50, recent_frac: float = 0.1) -> np.ndarray:
+                       recent_n: int = 50, recent_frac: float = 0.1, feedback: pd.DataFrame | None = None) -> np.ndarray:
     """The same features by a plain per-sample loop over raw ids (no store, no vocabulary, no index):
     behaviours (user_id, item_id, ts, play_ms, duration_ms), items (item_id, author_id, category,
-    duration_ms), impressions (user_id, item_id, ts). For tests; O(samples x behaviours)."""
+    duration_ms), impressions (user_id, item_id, ts); with feedback (the labelled impressions: user_id, ts,
+    label, split) the FEEDBACK_FEATURES follow. For tests; O(samples x behaviours)."""
     import math
 
     meta = items.drop_duplicates("item_id").set_index("item_id")
@@ -285,8 +306,14 @@ def reference_features(behaviors: pd.DataFrame, items: pd.DataFrame, impressions
             "cat_pop": cat_pop,
             "log_duration": math.log(d / 1000.0) if d == d and d > 0 else nan,
         }
-        rows.append([row[k] for k in FEATURE_NAMES])
-    return np.asarray(rows, np.float64).reshape(len(rows), len(FEATURE_NAMES))
+        if feedback is not None:
+            mine_fb = [y for fu, ft, y, sp in zip(feedback["user_id"], feedback["ts"], feedback["label"], feedback["split"])
+                       if sp == "train" and fu == u and ft < t]
+            row["user_feedback_count_log"] = math.log1p(len(mine_fb))
+            row["user_feedback_rate"] = sum(mine_fb) / len(mine_fb) if mine_fb else nan
+        rows.append([row[k] for k in feature_names(feedback is not None)])
+    width = len(feature_names(feedback is not None))
+    return np.asarray(rows, np.float64).reshape(len(rows), width)
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -311,6 +338,7 @@ class GBDTModel:
     value: np.ndarray             # (nodes,) float64
     recent_n: int = 50
     recent_frac: float = 0.1
+    user_feedback: bool = False   # the trees read FEEDBACK_FEATURES too (feature_names ends with them)
     # the harness's model attributes (RunScorer, evaluate): no sequence is read
     long_source: str = "none"
     long_len: int = 0
@@ -324,9 +352,11 @@ class GBDTModel:
     def from_sklearn(cls, est, n_trees: int | None = None, recent_n: int = 50, recent_frac: float = 0.1) -> "GBDTModel":
         """The first n_trees iterations (default: all) of a fitted binary HistGradientBoostingClassifier."""
         preds = est._predictors
-        if est.n_features_in_ != len(FEATURE_NAMES):
+        names = {len(feature_names(False)): feature_names(False), len(feature_names(True)): feature_names(True)}
+        if est.n_features_in_ not in names:
             raise ValueError(f"gbdt: the estimator was fitted on {est.n_features_in_} features; expected "
-                             f"{len(FEATURE_NAMES)} ({', '.join(FEATURE_NAMES)})")
+                             f"{len(FEATURE_NAMES)} ({', '.join(FEATURE_NAMES)}), or {len(feature_names(True))} "
+                             f"with gbdt.user_feedback")
         if any(len(p) != 1 for p in preds):
             raise ValueError("gbdt: expected a binary classifier (one tree per iteration)")
         if getattr(est, "is_categorical_", None) is not None and np.any(est.is_categorical_):
@@ -337,11 +367,13 @@ class GBDTModel:
         nodes = [p[0].nodes for p in preds[:k]]
         sizes = np.array([len(n) for n in nodes], np.int64)
         cat = np.concatenate(nodes)
-        return cls(tuple(FEATURE_NAMES), float(np.ravel(est._baseline_prediction)[0]),
+        names = names[est.n_features_in_]
+        return cls(names, float(np.ravel(est._baseline_prediction)[0]),
                    np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
                    cat["feature_idx"].astype(np.int64), cat["num_threshold"].astype(np.float64),
                    cat["missing_go_to_left"].astype(bool), cat["left"].astype(np.int64), cat["right"].astype(np.int64),
-                   cat["is_leaf"].astype(bool), cat["value"].astype(np.float64), int(recent_n), float(recent_frac))
+                   cat["is_leaf"].astype(bool), cat["value"].astype(np.float64), int(recent_n), float(recent_frac),
+                   len(names) > len(FEATURE_NAMES))
 
     def predict_raw(self, X: np.ndarray, n_trees: int | None = None) -> np.ndarray:
         """Logits: baseline + the sum of each tree's leaf value (NaN follows missing_left, else x <= threshold
@@ -385,20 +417,20 @@ class GBDTModel:
         if missing:
             raise ValueError(f"gbdt model.pt lacks {missing}; expected the arrays written by `twinv2 train --model gbdt`")
         names = tuple(feature_names)
-        if names != tuple(FEATURE_NAMES):
+        if names not in (FEATURE_NAMES, FEATURE_NAMES + tuple(FEEDBACK_FEATURES)):
             raise ValueError(f"gbdt run was trained on features {list(names)}; this code computes "
-                             f"{list(FEATURE_NAMES)}: retrain it")
+                             f"{list(FEATURE_NAMES)} (+ {list(FEEDBACK_FEATURES)} with gbdt.user_feedback): retrain it")
         a = {k: sd[k].numpy() for k in need}
         return cls(names, float(a["baseline"][0]), a["tree_start"].astype(np.int64), a["feature"].astype(np.int64),
                    a["threshold"].astype(np.float64), a["missing_left"].astype(bool), a["left"].astype(np.int64),
                    a["right"].astype(np.int64), a["is_leaf"].astype(bool), a["value"].astype(np.float64),
-                   int(a["windows"][0]), float(a["windows"][1]))
+                   int(a["windows"][0]), float(a["windows"][1]), len(names) > len(FEATURE_NAMES))
 
     # ---- scoring samples of a world (the featurizer is built once per world)
     def featurizer(self, world) -> Featurizer:
         cache = getattr(self, "_feat", None)
         if cache is None or cache[0] is not world:
-            cache = (world, Featurizer.from_world(world, self.recent_n, self.recent_frac))
+            cache = (world, Featurizer.from_world(world, self.recent_n, self.recent_frac, self.user_feedback))
             self._feat = cache
         return cache[1]
 
