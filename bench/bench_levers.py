@@ -55,6 +55,8 @@ ROWS = {
     "author_free": {**NO_BIAS, "model.frozen_tables": ["item"]},            # the author table trained
     "user_bias": {"model.user_bias": True},                                 # + a learned scalar per user
     "user_feedback": {"model.user_feedback": True, "gbdt.user_feedback": True},   # + the user's earlier train labels
+    "bias_lr10": {"train.bias_lr": 0.01},                                   # the id biases learn 10x faster
+    "user_bias_lr10": {"model.user_bias": True, "train.bias_lr": 0.01},     # + a user bias, 10x faster
 }
 
 

@@ -236,3 +236,26 @@ def test_user_feedback_reaches_the_head(name):
     assert torch.equal(changed[[0, 1, 3]], base[[0, 1, 3]]) and changed[2] != base[2]
     with pytest.raises(ValueError, match="feedback"):
         model({**batch, "target": {k: v for k, v in batch["target"].items() if k != "feedback"}})
+
+
+def test_bias_lr_moves_the_id_biases_at_their_own_rate():
+    """train.bias_lr: the item / author / user bias tables form their own Adam group; Adam's first step moves
+    every coordinate with a gradient by exactly its group's rate, so the biases move by bias_lr, the rest by lr."""
+    from twinv2.training.loop import TrainConfig, make_optimizer
+
+    batch = make_batch(B=6, L=10, seed=7, clusters=True)
+    batch["user"] = torch.arange(6)
+    model = build_model("twinv2", VOCAB, {**SMALL, "item_bias": True, "author_bias": True, "user_bias": True,
+                                          "user_bias_buckets": 16})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, TrainConfig(lr=1e-3, bias_lr=1e-2))
+    assert [len(g["params"]) for g in opt.param_groups][1] == 3
+    model(batch).sum().backward()
+    opt.step()
+    for name in ("item_bias.weight", "author_bias.weight", "user_bias.weight"):
+        moved = (dict(model.named_parameters())[name].detach() - before[name]).abs()
+        assert moved.max().item() == pytest.approx(1e-2, rel=1e-3) and moved[0].item() == 0.0, name
+    head = (model.head.net[0].weight.detach() - before["head.net.0.weight"]).abs()
+    assert head.max().item() == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(ValueError, match="bias_lr"):
+        make_optimizer(model, TrainConfig(lr=1e-3, bias_lr=-1.0))

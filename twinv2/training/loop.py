@@ -37,6 +37,7 @@ class TrainConfig:
     log_every: int = 20              # steps between per-step metric callbacks
     progress: bool = True
     keep_checkpoints: int = 2        # newest epoch checkpoints kept (each is enough to resume); 0: all
+    bias_lr: float | None = None     # learning rate of the scalar id-bias tables (item / author / user); None: lr
 
     @classmethod
     def from_params(cls, p: dict) -> "TrainConfig":
@@ -54,7 +55,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     params = list(model.parameters())
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    if cfg.bias_lr is None or float(cfg.bias_lr) == float(cfg.lr):
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    if float(cfg.bias_lr) <= 0:
+        raise ValueError(f"train.bias_lr must be > 0 (or null: train.lr), got {cfg.bias_lr!r}")
+    # the scalar id biases (a row is updated only by the samples of its id: few steps each) get their own rate
+    bias = [p for n, p in model.named_parameters() if n in ("item_bias.weight", "author_bias.weight", "user_bias.weight")]
+    ids = {id(p) for p in bias}
+    groups = [{"params": [p for p in params if id(p) not in ids]}]
+    if bias:
+        groups.append({"params": bias, "lr": float(cfg.bias_lr)})
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def autocast(device: torch.device):
