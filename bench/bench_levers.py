@@ -56,7 +56,9 @@ ROWS = {
     "user_bias": {"model.user_bias": True},                                 # + a learned scalar per user
     "user_feedback": {"model.user_feedback": True, "gbdt.user_feedback": True},   # + the user's earlier train labels
     "bias_lr10": {"train.bias_lr": 0.01},                                   # the id biases learn 10x faster
-    "user_bias_lr10": {"model.user_bias": True, "train.bias_lr": 0.01},     # + a user bias, 10x faster
+    "user_bias_lr10": {"model.user_bias": True, "train.bias_lr": 0.01},     # + a user bias, all biases 10x faster
+    "user_bias_ulr10": {"model.user_bias": True, "train.user_bias_lr": 0.01},   # + a user bias, it alone 10x faster
+    "user_bias_ulr30": {"model.user_bias": True, "train.user_bias_lr": 0.03},   # + a user bias, it alone 30x faster
 }
 
 

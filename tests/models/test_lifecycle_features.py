@@ -249,7 +249,7 @@ def test_bias_lr_moves_the_id_biases_at_their_own_rate():
                                           "user_bias_buckets": 16})
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = make_optimizer(model, TrainConfig(lr=1e-3, bias_lr=1e-2))
-    assert [len(g["params"]) for g in opt.param_groups][1] == 3
+    assert [len(g["params"]) for g in opt.param_groups] == [len(before) - 3, 1, 1, 1]
     model(batch).sum().backward()
     opt.step()
     for name in ("item_bias.weight", "author_bias.weight", "user_bias.weight"):
@@ -259,3 +259,7 @@ def test_bias_lr_moves_the_id_biases_at_their_own_rate():
     assert head.max().item() == pytest.approx(1e-3, rel=1e-3)
     with pytest.raises(ValueError, match="bias_lr"):
         make_optimizer(model, TrainConfig(lr=1e-3, bias_lr=-1.0))
+    # user_bias_lr alone: only the user table leaves the main group
+    opt = make_optimizer(model, TrainConfig(lr=1e-3, user_bias_lr=5e-2))
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-2] and opt.param_groups[1]["params"][0] is model.user_bias.weight
+    assert len(make_optimizer(model, TrainConfig(lr=1e-3)).param_groups) == 1

@@ -38,6 +38,7 @@ class TrainConfig:
     progress: bool = True
     keep_checkpoints: int = 2        # newest epoch checkpoints kept (each is enough to resume); 0: all
     bias_lr: float | None = None     # learning rate of the scalar id-bias tables (item / author / user); None: lr
+    user_bias_lr: float | None = None    # the user-bias table's own rate (~100 samples per row, not ~2); None: bias_lr
 
     @classmethod
     def from_params(cls, p: dict) -> "TrainConfig":
@@ -55,16 +56,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     params = list(model.parameters())
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    if cfg.bias_lr is None or float(cfg.bias_lr) == float(cfg.lr):
+    # the scalar id biases: a row is updated only by the samples of its id (an item's ~2 per epoch, a user's ~100)
+    rates = {}
+    for names, lr in ((("item_bias.weight", "author_bias.weight"), cfg.bias_lr),
+                      (("user_bias.weight",), cfg.user_bias_lr if cfg.user_bias_lr is not None else cfg.bias_lr)):
+        if lr is not None and float(lr) <= 0:
+            raise ValueError(f"train.bias_lr / train.user_bias_lr must be > 0 (or null), got {lr!r}")
+        for n in names:
+            rates[n] = float(cfg.lr if lr is None else lr)
+    own = {n: p for n, p in model.named_parameters() if n in rates and rates[n] != float(cfg.lr)}
+    if not own:
         return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    if float(cfg.bias_lr) <= 0:
-        raise ValueError(f"train.bias_lr must be > 0 (or null: train.lr), got {cfg.bias_lr!r}")
-    # the scalar id biases (a row is updated only by the samples of its id: few steps each) get their own rate
-    bias = [p for n, p in model.named_parameters() if n in ("item_bias.weight", "author_bias.weight", "user_bias.weight")]
-    ids = {id(p) for p in bias}
+    ids = {id(p) for p in own.values()}
     groups = [{"params": [p for p in params if id(p) not in ids]}]
-    if bias:
-        groups.append({"params": bias, "lr": float(cfg.bias_lr)})
+    groups += [{"params": [p], "lr": rates[n]} for n, p in own.items()]
     return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
