@@ -31,8 +31,11 @@ from twinv2.io import write_json  # noqa: E402
 
 PAPER = {"model.target_pop": False, "model.item_init": "random", "model.frozen_tables": [],
          "model.match_counts": [], "model.match_mass": False, "model.target_match": [], "model.watermark_gap": False,
-         "model.item_bias": False, "model.author_bias": False, "model.virtual_mix": 0, "model.target_stats": False}
-NO_BIAS = {"model.item_bias": False, "model.author_bias": False}
+         "model.item_bias": False, "model.author_bias": False, "model.virtual_mix": 0, "model.target_stats": False,
+         "model.user_bias": False, "model.user_feedback": False, "gbdt.user_feedback": False}
+NO_USER = {"model.user_bias": False, "train.user_bias_lr": None, "model.user_feedback": False,
+           "gbdt.user_feedback": False}
+NO_BIAS = {"model.item_bias": False, "model.author_bias": False, **NO_USER}
 COUNTS = {"model.target_pop": True, "model.item_init": "cooc", "model.match_counts": ["category", "author", "item"]}
 ROWS = {
     "paper": PAPER,                                                         # the papers' models, nothing added
@@ -51,14 +54,16 @@ ROWS = {
     "no_id_bias": NO_BIAS,
     "item_bias": {**NO_BIAS, "model.item_bias": True},                      # a learned scalar per target item
     "author_bias": {**NO_BIAS, "model.author_bias": True},                  # a learned scalar per target author
-    "id_bias": {"model.item_bias": True, "model.author_bias": True},         # both (= default since 2026-12-04)
+    "id_bias": {"model.item_bias": True, "model.author_bias": True, **NO_USER},   # both (default 2026-12-04 morning)
     "author_free": {**NO_BIAS, "model.frozen_tables": ["item"]},            # the author table trained
-    "user_bias": {"model.user_bias": True},                                 # + a learned scalar per user
-    "user_feedback": {"model.user_feedback": True, "gbdt.user_feedback": True},   # + the user's earlier train labels
-    "bias_lr10": {"train.bias_lr": 0.01},                                   # the id biases learn 10x faster
-    "user_bias_lr10": {"model.user_bias": True, "train.bias_lr": 0.01},     # + a user bias, all biases 10x faster
-    "user_bias_ulr10": {"model.user_bias": True, "train.user_bias_lr": 0.01},   # + a user bias, it alone 10x faster
-    "user_bias_ulr30": {"model.user_bias": True, "train.user_bias_lr": 0.03},   # + a user bias, it alone 30x faster
+    # the user's own labels, measured against id_bias (= the params of 2026-12-04 morning: no user bias, gbdt on
+    # life-cycle statistics only); user_bias_ulr10 = default since 2026-12-04 afternoon
+    "user_bias": {**NO_USER, "model.user_bias": True},                      # + a learned scalar per user
+    "user_feedback": {**NO_USER, "model.user_feedback": True, "gbdt.user_feedback": True},   # + earlier train labels
+    "bias_lr10": {**NO_USER, "train.bias_lr": 0.01},                        # the id biases learn 10x faster
+    "user_bias_lr10": {**NO_USER, "model.user_bias": True, "train.bias_lr": 0.01},   # + user bias, all biases 10x
+    "user_bias_ulr10": {**NO_USER, "model.user_bias": True, "train.user_bias_lr": 0.01},   # + user bias, it alone 10x
+    "user_bias_ulr30": {**NO_USER, "model.user_bias": True, "train.user_bias_lr": 0.03},   # + user bias, it alone 30x
 }
 
 

@@ -58,6 +58,7 @@ def random_batch(B, L, S, g, clusters):
     target = {k: torch.randint(1, VOCAB[k], (B,), generator=g) for k in ("item", "author", "category", "dur_bucket",
                                                                           "pop")}
     target["stats"] = torch.rand(B, 4, generator=g)             # model.target_stats
+    target["feedback"] = torch.rand(B, 2, generator=g)          # model.user_feedback
     return {"target": target, "long": random_seq(B, L, g, clusters), "short": random_seq(B, S, g),
             "life": torch.rand(B, LIFE_DIM, generator=g),           # model.virtual_mix: whole-life match counts
             "label": torch.randint(0, 2, (B,), generator=g).float(), "user": torch.arange(B)}
@@ -128,7 +129,8 @@ def scoring(n_candidates: int, n_clusters: int, reps: int) -> dict:
     batch = {"target": cands,
              "long": {k: v.expand(n_candidates, *v.shape[1:]) for k, v in user["long"].items()},
              "short": {k: v.expand(n_candidates, *v.shape[1:]) for k, v in user["short"].items()},
-             "life": torch.rand(n_candidates, LIFE_DIM, generator=g)}
+             "life": torch.rand(n_candidates, LIFE_DIM, generator=g),
+             "user": torch.zeros(n_candidates, dtype=torch.int64)}          # model.user_bias: one user
     batch = to(batch, device)
     out = {}
     for mode in ("inline", "cached"):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from twinv2.models.gbdt import (FEATURE_NAMES, FEATURES, Featurizer, GBDTModel, fit, gbdt_params,
+from twinv2.models.gbdt import (FEATURE_NAMES, FEATURES, Featurizer, GBDTModel, feature_names, fit, gbdt_params,
                                 reference_features)
 
 
@@ -176,7 +176,7 @@ def test_train_and_evaluate_in_the_harness(planted, params, tmp_path):
     for f in ("config.json", "vocab.npz", "model.pt", "train_metrics.json"):
         assert (out / f).exists(), f
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"] == "gbdt" and cfg["long_source"] == "none" and cfg["feature_names"] == list(FEATURE_NAMES)
+    assert cfg["model"] == "gbdt" and cfg["long_source"] == "none" and cfg["feature_names"] == list(feature_names(True))
     sd = torch.load(out / "model.pt", weights_only=True)                  # no pickle
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     for key in ("best_valid_gauc", "best_epoch", "epochs_run", "wall_s", "total_wall_s", "summary", "history"):
