@@ -3,7 +3,7 @@ validated, clustered dataset and print the test AUC / GAUC table (mean +- std ov
 against a reference model per seed).
 
     python -m bench.bench_levers --data D [--rows paper,pop,...] [--models twinv2,twin] [--seeds 0,1,2]
-                                 [--ref twin] [--out bench/results/bench_levers.json]
+                                 [--ref twin] [--ref-row ROW] [--out bench/results/bench_levers.json]
     python -m bench.bench_levers --data D --coverage     # how much of each cluster its top-J ids cover
 
 A row is a named set of `--set`-style overrides applied on top of params.yaml (ROWS below, cumulative in the
@@ -162,6 +162,20 @@ def table(cells: list[dict], ref: str) -> list[dict]:
     return out
 
 
+def row_table(cells: list[dict], ref_row: str) -> list[dict]:
+    """Per (row, model): the paired difference per seed against the same model's cells in row ref_row."""
+    by, series = _series(cells)
+    out = []
+    for (row, model), seeds in series.items():
+        both = [s for s in seeds if (ref_row, model, s) in by]
+        if row == ref_row or not both:
+            continue
+        out.append({"row": row, "model": model, "ref_row": ref_row, "seeds": both,
+                    **{f"d_{k}": [float(by[row, model, s][k] - by[ref_row, model, s][k]) for s in both]
+                       for k in ("auc", "gauc")}})
+    return out
+
+
 def _fmt_paired(v: list[float]) -> str:
     sd = f" +- {np.std(v, ddof=1):.4f}" if len(v) > 1 else ""
     return " ".join(f"{d:+.4f}" for d in v) + f" ({np.mean(v):+.4f}{sd})"
@@ -197,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="twinv2,twin")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ref", default="twin")
+    ap.add_argument("--ref-row", default=None, help="also print each row's paired difference per seed against "
+                    "this row (same model)")
     ap.add_argument("--cells", default=str(ROOT / "bench" / "results" / "levers"), help="cell folder")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_levers.json"))
     ap.add_argument("--coverage", action="store_true", help="print the virtual_mix coverage table and exit")
@@ -239,8 +255,13 @@ def main(argv=None) -> int:
     for x in groups:
         d = f"  {x['d_auc']:+.4f} / {x['d_gauc']:+.4f}" if "d_auc" in x else ""
         print(f"{x['row']:<20} {x['model']:<9} q{x['group']} (<= {x['max_len']:.0f}) {x['auc']:.4f} {x['gauc']:.4f}{d}")
-    write_json(a.out, {"data": a.data, "cells": cells, "table": lines, "groups": groups})
-    print(json.dumps({"table": lines, "groups": groups}, default=float))
+    rowd = row_table(cells, a.ref_row) if a.ref_row else []
+    if a.ref_row:
+        print(f"\npaired vs row {a.ref_row} (same model, per seed: AUC / GAUC)")
+        for x in rowd:
+            print(f"{x['row']:<30} {x['model']:<9} {_fmt_paired(x['d_auc'])} / {_fmt_paired(x['d_gauc'])}")
+    write_json(a.out, {"data": a.data, "cells": cells, "table": lines, "groups": groups, "vs_row": rowd})
+    print(json.dumps({"table": lines, "groups": groups, "vs_row": rowd}, default=float))
     return 0
 
 

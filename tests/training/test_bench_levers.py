@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.bench_levers import ROWS, apply, cell, group_table, table
+from bench.bench_levers import ROWS, apply, cell, group_table, row_table, table
 
 
 def _cell(model, seed, auc, gauc, gq):
@@ -26,6 +26,15 @@ def test_tables_are_means_and_paired_differences_of_the_cells():
     assert g["twinv2", 1]["d_auc"] == pytest.approx(0.1)             # ((0.7-0.6) + (0.8-0.7)) / 2
     assert g["twinv2", 1]["d_gauc"] == pytest.approx(0.2)            # ((0.7-0.6) + (0.9-0.6)) / 2
     assert g["twinv2", 0]["gauc"] == pytest.approx(0.55)
+
+
+def test_row_table_pairs_each_row_with_the_reference_row_of_the_same_model():
+    cells = [_cell("twinv2", 0, 0.60, 0.58, []), _cell("twinv2", 1, 0.62, 0.60, []), _cell("twin", 0, 0.50, 0.50, [])]
+    cells += [{**_cell("twinv2", s, a, g, []), "row": "user_bias"} for s, a, g in ((0, 0.65, 0.57), (1, 0.66, 0.61))]
+    cells += [{**_cell("twin", 1, 0.9, 0.9, []), "row": "user_bias"}]           # no twin seed 1 in the reference row
+    d = row_table(cells, "default")
+    assert [(x["row"], x["model"]) for x in d] == [("user_bias", "twinv2")]
+    assert d[0]["d_auc"] == pytest.approx([0.05, 0.04]) and d[0]["d_gauc"] == pytest.approx([-0.01, 0.01])
 
 
 def test_rows_apply_overrides_to_a_copy():
