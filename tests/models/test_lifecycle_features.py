@@ -263,3 +263,8 @@ def test_bias_lr_moves_the_id_biases_at_their_own_rate():
     opt = make_optimizer(model, TrainConfig(lr=1e-3, user_bias_lr=5e-2))
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-2] and opt.param_groups[1]["params"][0] is model.user_bias.weight
     assert len(make_optimizer(model, TrainConfig(lr=1e-3)).param_groups) == 1
+    # wrapped as DDP wraps it (parameters named module.*): the same groups (the multinode test caught this)
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    opt = make_optimizer(wrapper, TrainConfig(lr=1e-3, user_bias_lr=5e-2))
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-2] and opt.param_groups[1]["params"][0] is model.user_bias.weight

@@ -64,7 +64,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
             raise ValueError(f"train.bias_lr / train.user_bias_lr must be > 0 (or null), got {lr!r}")
         for n in names:
             rates[n] = float(cfg.lr if lr is None else lr)
-    own = {n: p for n, p in model.named_parameters() if n in rates and rates[n] != float(cfg.lr)}
+    # names as the bare model has them (DDP wraps it as `module.`: the same parameters under a prefix)
+    named = ((n[len("module."):] if n.startswith("module.") else n, p) for n, p in model.named_parameters())
+    own = {n: p for n, p in named if n in rates and rates[n] != float(cfg.lr)}
     if not own:
         return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     ids = {id(p) for p in own.values()}
