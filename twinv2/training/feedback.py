@@ -17,6 +17,12 @@ import numpy as np
 import pandas as pd
 
 
+def head_features(n: np.ndarray, k: np.ndarray, prior: float) -> np.ndarray:
+    """(M, 2) float32 head features of counts (n, k): ln(1 + n), (k + p0) / (n + 1) (one pseudo-impression at p0)."""
+    n, k = np.asarray(n, np.float64), np.asarray(k, np.float64)
+    return np.stack([np.log1p(n), (k + prior) / (n + 1.0)], axis=1).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Feedback:
     """Train-split labels sorted by (user, ts): two binary searches per query."""
@@ -55,5 +61,4 @@ class Feedback:
 
     def head_features(self, users: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """(M, 2) float32: ln(1 + n), (k + p0) / (n + 1) (the rate with one pseudo-impression at p0)."""
-        n, k = self.counts(users, ts)
-        return np.stack([np.log1p(n), (k + self.prior) / (n + 1.0)], axis=1).astype(np.float32)
+        return head_features(*self.counts(users, ts), self.prior)

@@ -571,8 +571,9 @@ class SampleSet(torch.utils.data.Dataset):
                "pop": torch.from_numpy(pop), "stats": torch.from_numpy(stats)}
         s = self.samples
         if s.fb_n is not None:      # user_feedback: ln(1 + n), (k + p0) / (n + 1) of the user's earlier train labels
-            n, k = s.fb_n[i], s.fb_k[i]
-            out["feedback"] = torch.from_numpy(np.stack([np.log1p(n), (k + s.fb_prior) / (n + 1.0)], 1).astype(np.float32))
+            from twinv2.training.feedback import head_features
+
+            out["feedback"] = torch.from_numpy(head_features(s.fb_n[i], s.fb_k[i], s.fb_prior))
         return out
 
 
