@@ -64,6 +64,11 @@ ROWS = {
     "user_bias_lr10": {**NO_USER, "model.user_bias": True, "train.bias_lr": 0.01},   # + user bias, all biases 10x
     "user_bias_ulr10": {**NO_USER, "model.user_bias": True, "train.user_bias_lr": 0.01},   # + user bias, it alone 10x
     "user_bias_ulr30": {**NO_USER, "model.user_bias": True, "train.user_bias_lr": 0.03},   # + user bias, it alone 30x
+    # measured against user_bias_ulr10 (= default for the neural models since 2026-12-04 afternoon)
+    "default_fb": {"model.user_feedback": True},                            # default + the head's feedback features
+    "num_emb": {"model.numeric_embed": 8},                                  # default + periodic numeric embeddings
+    "by_size": {"model.cluster_order": "size"},                             # TWIN-V2 keeps its largest clusters
+    "num_emb_s01": {"model.numeric_embed": 8, "model.numeric_sigma": 0.1},  # smoother frequencies
 }
 
 

@@ -47,7 +47,11 @@ EXECUTION_ONLY = {"train": {"progress", "num_workers", "log_every", "keep_checkp
 METRIC_KEYS = ("auc", "gauc", "logloss", "oracle_auc", "oracle_gap", "ece")
 # ablation switches added after cells existed: at their default (today's behaviour) left out of the key, so
 # a cell computed before the switch stays done (pipelines.cluster.NAME_DEFAULTS does the same for versions)
-KEY_DEFAULTS = {"model": {"log_n": True}, "cluster": {"virtual_ids": "nearest", "method": "hierarchical"}}
+KEY_DEFAULTS = {"model": {"log_n": True, "numeric_embed": 0, "numeric_dim": 8, "numeric_sigma": 1.0,
+                          "cluster_order": "time"},
+                "cluster": {"virtual_ids": "nearest", "method": "hierarchical"}}
+# switches added later that only some models read: left out of the key of every other model (their cells stay done)
+KEY_ONLY_FOR = {"model": {"cluster_order": {"twinv2"}}}
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -115,14 +119,14 @@ def _seeds(value: Any) -> list[int]:
     raise ConfigError(f"benchmark.seeds {value!r}: expected a count N >= 1 (seeds 0..N-1) or a list of ints")
 
 
-def _section_key(params: dict) -> dict:
+def _section_key(params: dict, model: str | None = None) -> dict:
     out = {}
     for s in KEY_SECTIONS:
         sec = params.get(s)
         if isinstance(sec, dict):
-            dflt = KEY_DEFAULTS.get(s, {})
+            dflt, only = KEY_DEFAULTS.get(s, {}), KEY_ONLY_FOR.get(s, {})
             out[s] = {k: v for k, v in sec.items() if k not in EXECUTION_ONLY.get(s, set())
-                      and not (k in dflt and v == dflt[k])}
+                      and not (k in dflt and v == dflt[k]) and not (k in only and model not in only[k])}
     return out
 
 
@@ -132,7 +136,7 @@ def digest(obj: Any, n: int = 16) -> str:
 
 def cell_key(model: str, params: dict) -> str:
     """What a cell computes: its model and the result-relevant params (incl. the pinned cluster version)."""
-    return digest({"model": model, "params": _section_key(params)})
+    return digest({"model": model, "params": _section_key(params, model)})
 
 
 def plan(params: dict, models=None, seeds=None, variants=None) -> list[dict]:

@@ -268,3 +268,43 @@ def test_bias_lr_moves_the_id_biases_at_their_own_rate():
     wrapper.module = model
     opt = make_optimizer(wrapper, TrainConfig(lr=1e-3, user_bias_lr=5e-2))
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-2] and opt.param_groups[1]["params"][0] is model.user_bias.weight
+
+
+@settings(max_examples=20, deadline=None)
+@given(F=st.integers(1, 5), k=st.integers(1, 4), d=st.integers(1, 3), seed=st.integers(0, 100))
+def test_periodic_embedding_equals_a_per_feature_loop(F, k, d, seed):
+    """PeriodicEmbedding against the formula written per sample and feature: e_j = ReLU(W_j [sin 2pi c x, cos 2pi c x] + b_j)."""
+    from twinv2.models.layers import PeriodicEmbedding
+    torch.manual_seed(seed)
+    emb = PeriodicEmbedding(F, k, d, sigma=0.7)
+    x = torch.randn(3, F) * 3
+    with torch.no_grad():
+        got = emb(x)                                                               # (3, F * d)
+    for b in range(3):
+        for j in range(F):
+            v = [math.sin(2 * math.pi * float(emb.freq[j, i]) * float(x[b, j])) for i in range(k)]
+            v += [math.cos(2 * math.pi * float(emb.freq[j, i]) * float(x[b, j])) for i in range(k)]
+            for o in range(d):
+                ref = float(emb.bias[j, o]) + sum(v[i] * float(emb.weight[j, i, o]) for i in range(2 * k))
+                assert got[b, j * d + o].item() == pytest.approx(max(ref, 0.0), abs=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, %d\)" % F):
+        emb(torch.randn(3, F + 1))
+
+
+@pytest.mark.parametrize("name", ["twinv2", "twin", "din"])
+def test_numeric_embed_feeds_the_scalars_to_the_head_as_embeddings(name):
+    """model.numeric_embed k: the head's scalar inputs (stats, feedback, match counts) pass through one
+    PeriodicEmbedding sized to them; its output reaches the logit, padding stays invariant, off = no module."""
+    p = {**LEVERS, "user_feedback": True, "numeric_embed": 3, "numeric_dim": 4}
+    torch.manual_seed(0)
+    model = build_model(name, VOCAB_POP, p).eval()
+    n_scalar = 4 + 2 + len(model.parts()) * (4 * 3 + 2)
+    assert model.numeric is not None and model.numeric.n_features == n_scalar
+    batch = _with_pop(make_batch(B=4, L=12, seed=2, clusters=name == "twinv2"))
+    batch["target"]["feedback"] = torch.tensor([[0.0, 0.3], [1.0, 0.2], [2.0, 0.5], [3.0, 0.1]])
+    with torch.no_grad():
+        base = model(batch)
+        torch.testing.assert_close(base, model(pad_to(batch, "long", 15)), rtol=1e-5, atol=1e-5)
+        model.numeric.bias.add_(1.0)                       # the embedding's output is read by the head
+        assert not torch.allclose(base, model(batch))
+    assert build_model(name, VOCAB_POP, {**LEVERS, "numeric_embed": 0}).numeric is None

@@ -502,3 +502,20 @@ def test_publish_failing_midway_keeps_the_previous_plots(tmp_path, monkeypatch):
     assert doc.read_text() == before                                        # the document is untouched
     assert {p.name: p.read_bytes() for p in files.iterdir()} == {"a.png": b"old a.png", "b.png": b"old b.png"}
     assert not [p for p in files.parent.iterdir() if p.name.endswith(".tmp")]  # no temporaries left
+
+
+def test_cell_key_leaves_out_late_switches_at_their_default_and_params_a_model_does_not_read():
+    """A switch added after cells existed changes no key while at its default; model.cluster_order (read by
+    TWIN-V2 only) changes TWIN-V2's key and no other model's; any other model param changes every key."""
+    from twinv2.config import load_params
+    from pipelines.benchmark import cell_key
+    p = load_params()
+    base = {m: cell_key(m, p) for m in ("twinv2", "twin", "gbdt")}
+    old = {**p, "model": {k: v for k, v in p["model"].items() if k not in ("numeric_embed", "numeric_dim",
+                                                                        "numeric_sigma", "cluster_order")}}
+    assert {m: cell_key(m, old) for m in base} == base           # params.yaml before the switches: same keys
+    size = {**p, "model": {**p["model"], "cluster_order": "size"}}
+    assert cell_key("twinv2", size) != base["twinv2"]
+    assert cell_key("twin", size) == base["twin"] and cell_key("gbdt", size) == base["gbdt"]
+    emb = {**p, "model": {**p["model"], "numeric_embed": 4}}
+    assert all(cell_key(m, emb) != base[m] for m in base)

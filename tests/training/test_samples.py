@@ -301,3 +301,57 @@ def test_life_counts_equal_a_loop_over_every_cluster_and_the_gap_rows(tmp_path, 
                      np.sum(hi == t)]
             np.testing.assert_allclose(got[i, :3], np.log1p(exact), rtol=1e-5)
             np.testing.assert_allclose(got[i, -2], np.log1p(len(h)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("long_len", [2, 5, None])
+def test_cluster_order_size_keeps_the_largest_clusters_then_the_gap_rows(tmp_path, long_len):
+    """model.cluster_order size (RowFeatures.by_size): a user's clusters ordered by size ascending (ties: older
+    first), then the raw rows in [W, ts); the last long_len of the two together are read, so a heavy user keeps
+    the largest clusters and the gap rows push out the smallest first. Reference: a sort per user."""
+    items, beh, hist, imp = small_store(tmp_path, seed=3, max_len=60)
+    W = 50 * DAY
+    cl = clusters_for(beh, W, items)
+    cl["size"] = np.random.default_rng(0).integers(1, 6, len(cl))            # ties included
+    vocab = Vocab.build(items, {"liked": beh["liked"].to_numpy()})
+    cf = cluster_features(cl, vocab)
+    imp = imp[imp.ts >= W].reset_index(drop=True)
+    s = make_samples(imp, hist, vocab, cf, watermark=W)
+    raw = raw_features(hist, vocab)
+    by_size = cf.by_size()
+    np.testing.assert_array_equal(by_size.offsets, cf.offsets)
+    b = SampleSet(s, raw, vocab, "clusters", long_len=long_len, short_len=4, clusters=by_size, watermark=W,
+                  watermark_gap=True)[list(range(len(imp)))]
+    assert len(imp) > 5 and (cl.groupby("user_id").size() > (long_len or 0)).any()
+    for i, r in enumerate(imp.itertuples()):
+        mine = cl[cl.user_id == r.user_id].sort_values(["size", "ts"], kind="stable")
+        gap = beh[(beh.user_id == r.user_id) & (beh.ts >= W) & (beh.ts < r.ts)]
+        want_item = np.concatenate([vocab.item_index(mine.item_id.to_numpy()), vocab.item_index(gap.item_id.to_numpy())])
+        want_n = np.concatenate([np.log(mine["size"].to_numpy()), np.zeros(len(gap))])
+        if long_len is not None:
+            want_item, want_n = want_item[-long_len:], want_n[-long_len:]
+        m = b["long"]["mask"][i].numpy()
+        np.testing.assert_array_equal(b["long"]["item"][i].numpy()[m], want_item)
+        np.testing.assert_allclose(b["long"]["log_n"][i].numpy()[m], want_n, rtol=1e-6)
+
+
+def test_world_dataset_reads_the_largest_clusters_with_cluster_order_size(clustered_ro, params):
+    """World.dataset hands TWIN-V2 the size-ordered cluster rows when model.cluster_order is size (the time-ordered
+    ones otherwise), and a bad value is a clear error."""
+    from tests.training.conftest import SMALL_MODEL
+    from twinv2.models import build_model
+    from twinv2.training.world import load_world
+
+    world = load_world(clustered_ro, need_clusters=True)
+    s = world.samples("test")
+    p = {**params["model"], **SMALL_MODEL, "twin_window": 4}
+    sets = {o: world.dataset(s, build_model("twinv2", world.vocab.sizes(), {**p, "cluster_order": o}))
+            for o in ("time", "size")}
+    assert sets["time"].clusters is world.clusters
+    np.testing.assert_array_equal(sets["size"].clusters.log_n, world.clusters.by_size().log_n)
+    i = list(range(len(s)))
+    a, b = sets["time"][i]["long"], sets["size"][i]["long"]
+    n_a = (a["log_n"].exp() * a["mask"]).sum()
+    n_b = (b["log_n"].exp() * b["mask"]).sum()
+    assert n_b > n_a                                 # the same budget covers more behaviours
+    with pytest.raises(ValueError, match="cluster_order"):
+        build_model("twinv2", world.vocab.sizes(), {**p, "cluster_order": "random"})

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from twinv2.models.attention import TwinAttention
-from twinv2.models.layers import MLP, Features, check_batch, first_positions, gather_seq
+from twinv2.models.layers import MLP, Features, PeriodicEmbedding, check_batch, first_positions, gather_seq
 
 
 class CTRModel(nn.Module):
@@ -51,6 +51,16 @@ class CTRModel(nn.Module):
         # virtual_mix J: the long part's match counts read every cluster's J most frequent member ids per field,
         # over the user's whole life cycle (batch["life"], samples.LifeCounts)
         self.mix_slots = int(p.get("virtual_mix", 0) or 0) if self.long_source == "clusters" else 0
+        # cluster_order: which clusters the long sequence keeps when a user has more than long_len (World.dataset):
+        # time = the newest (the paper's order), size = the largest (ln n ascending, so the gap rows push out the
+        # smallest first)
+        self.cluster_order = str(p.get("cluster_order", "time"))
+        if self.cluster_order not in ("time", "size"):
+            raise ValueError(f"params model.cluster_order must be time or size, got {self.cluster_order!r}")
+        # numeric_embed k: every scalar head input (target stats, feedback, match counts) also enters the head as a
+        # periodic embedding (layers.PeriodicEmbedding, k frequencies -> numeric_dim dims each); 0: raw values only
+        self.numeric_k = int(p.get("numeric_embed", 0) or 0)
+        self.numeric = None
         self.check_inputs = True
 
     def attention(self, p: dict, use_log_n: bool = False) -> TwinAttention:
@@ -63,14 +73,16 @@ class CTRModel(nn.Module):
     def _make_head(self, p: dict, long_dim: int) -> None:
         other = self.pop.embedding_dim if self.pop is not None else 0
         if self.count_fields:
-            other += len(self.parts()) * (4 * len(self.count_fields) + 2)
             if self.mix_slots and tuple(self.count_fields) != ("category", "author", "item"):
                 raise ValueError(f"model.virtual_mix counts category, author and item; model.match_counts is "
                                  f"{list(self.count_fields)}: set it to [category, author, item] or virtual_mix: 0")
-        if self.target_stats:
-            other += 4
-        if self.user_feedback:
-            other += 2
+        n_scalar = len(self.parts()) * (4 * len(self.count_fields) + 2) if self.count_fields else 0
+        n_scalar += (4 if self.target_stats else 0) + (2 if self.user_feedback else 0)
+        other += n_scalar
+        if self.numeric_k and n_scalar:
+            d = int(p.get("numeric_dim", 8))
+            self.numeric = PeriodicEmbedding(n_scalar, self.numeric_k, d, float(p.get("numeric_sigma", 1.0)))
+            other += n_scalar * d
         self.head = MLP(self.features.d_h + self.short.out_dim + long_dim + other, list(p["mlp"]))
 
     def parts(self) -> tuple[str, ...]:
@@ -91,21 +103,25 @@ class CTRModel(nn.Module):
             x.append(self.long_interest(q, batch))               # (B, long_dim)
         if self.pop is not None:
             x.append(self.pop(batch["target"]["pop"]))           # (B, side_dim)
+        scalars = []                                             # the head's scalar inputs, (B, n_scalar) in all
         if self.target_stats:
-            x.append(batch["target"]["stats"])                   # (B, 4)
+            scalars.append(batch["target"]["stats"])             # (B, 4)
         if self.user_feedback:
             if "feedback" not in batch["target"]:
                 raise ValueError("batch['target'] lacks 'feedback' (B, 2): this model has model.user_feedback on "
                                  "(samples built by World.samples carry it)")
-            x.append(batch["target"]["feedback"])                # (B, 2)
+            scalars.append(batch["target"]["feedback"])          # (B, 2)
         for part in self.parts() if self.count_fields else ():
             if part == "long" and self.mix_slots:                   # whole life cycle (virtual_mix)
                 if "life" not in batch:
                     raise ValueError("batch lacks 'life' (B, 14): this model has virtual_mix > 0 and counts its "
                                      "long part over the whole life cycle (samples.SampleSet.life_counts)")
-                x.append(batch["life"])                              # (B, 4F+2), F = MIX_FIELDS
+                scalars.append(batch["life"])                        # (B, 4F+2), F = MIX_FIELDS
             else:
-                x.append(match_counts(batch[part], batch["target"], self.count_fields))   # (B, 4F+2)
+                scalars.append(match_counts(batch[part], batch["target"], self.count_fields))   # (B, 4F+2)
+        x += scalars
+        if self.numeric is not None:
+            x.append(self.numeric(torch.cat([t.float() for t in scalars], dim=-1)))   # (B, n_scalar * numeric_dim)
         logit = self.head(torch.cat([t.to(s.dtype) for t in x], dim=-1))
         if self.item_bias is not None:
             logit = logit + self.item_bias(batch["target"]["item"]).squeeze(-1).to(logit.dtype)

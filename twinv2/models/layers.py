@@ -66,6 +66,36 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+class PeriodicEmbedding(nn.Module):
+    """Each scalar input feature -> its own d-dim vector (the "PLR" numeric embedding of Gorishniy et al., 2022,
+    "On Embeddings for Numerical Features in Tabular Deep Learning"):
+
+        v_j = [sin(2 pi c_j x_j), cos(2 pi c_j x_j)]   (c_j: k learned frequencies of feature j, init N(0, sigma^2))
+        e_j = ReLU(W_j v_j + b_j)                        (W_j: (d, 2k), one per feature)
+
+    An MLP on raw counts has to build thresholds out of ReLUs; the periodic basis gives it sharp, local
+    functions of each count from the first layer on. (B, F) -> (B, F * d)."""
+
+    def __init__(self, n_features: int, k: int, d: int, sigma: float):
+        super().__init__()
+        if n_features < 1 or k < 1 or d < 1 or not sigma > 0:
+            raise ValueError(f"PeriodicEmbedding needs n_features, k, d >= 1 and sigma > 0, got "
+                             f"{n_features}, {k}, {d}, {sigma}")
+        self.n_features, self.k, self.d = n_features, k, d
+        self.freq = nn.Parameter(torch.randn(n_features, k) * sigma)                 # (F, k)
+        bound = (2 * k) ** -0.5                                                    # nn.Linear's default init
+        self.weight = nn.Parameter(torch.empty(n_features, 2 * k, d).uniform_(-bound, bound))   # (F, 2k, d)
+        self.bias = nn.Parameter(torch.empty(n_features, d).uniform_(-bound, bound))            # (F, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:    # (B, F) -> (B, F * d)
+        if x.dim() != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"PeriodicEmbedding expects (B, {self.n_features}) inputs, got {tuple(x.shape)}")
+        z = 2 * torch.pi * x.float().unsqueeze(-1) * self.freq                       # (B, F, k)
+        v = torch.cat([torch.sin(z), torch.cos(z)], dim=-1)                          # (B, F, 2k)
+        e = torch.relu(torch.einsum("bfi,fid->bfd", v, self.weight) + self.bias)     # (B, F, d)
+        return e.reshape(x.shape[0], -1)
+
+
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax over `dim` where mask is True; masked entries get weight exactly 0 and an all-masked
     slice gets all-zero weights (never NaN). Computed in float32 (also under bf16 autocast)."""

@@ -210,6 +210,22 @@ class RowFeatures:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def by_size(self) -> "RowFeatures":
+        """A copy with each user's rows ordered by size (ascending ln n, ties oldest first) instead of time, so
+        the last L rows are the user's L largest clusters (model.cluster_order: size). The same rows and users;
+        only the order within each user changes (no time order any more: never use it for `positions_before`)."""
+        urow = np.repeat(np.arange(len(self.user_ids), dtype=np.int64), np.diff(self.offsets))
+        order = np.lexsort((self.ts, self.log_n, urow))                  # primary: user, then ln n, then ts
+
+        def take(a):
+            return None if a is None else a[order]
+
+        mix = None if self.mix is None else {f: tuple(a[order] for a in v) for f, v in self.mix.items()}
+        return RowFeatures(user_ids=self.user_ids, offsets=self.offsets, item=self.item[order],
+                           author=self.author[order], category=self.category[order], dur_bucket=self.dur_bucket[order],
+                           cross=self.cross[order], ts=self.ts[order], log_n=self.log_n[order], comp=take(self.comp),
+                           cluster_id=take(self.cluster_id), mix=mix)
+
     def positions_before(self, t: int) -> np.ndarray:
         """(U,) number of rows of each user with ts < t (rows are in time order within a user)."""
         before = (self.ts < t).astype(np.int64)

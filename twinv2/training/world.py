@@ -66,8 +66,14 @@ class World:
         J = int(getattr(model, "mix_slots", 0) or 0) if model.long_source == "clusters" else 0
         if J:
             self.attach_mix(J)
+        clusters = self.clusters
+        if clusters is not None and model.long_source == "clusters" and getattr(model, "cluster_order", "time") == "size":
+            cache = self.__dict__.setdefault("_by_size", {})
+            if cache.get("key") is not clusters.mix:          # rebuilt when attach_mix replaced the mixes
+                cache.update(key=clusters.mix, rows=clusters.by_size())
+            clusters = cache["rows"]
         return SampleSet(samples, self.raw, self.vocab, model.long_source, model.long_len, model.short_len,
-                         self.clusters, self.watermark, bool(getattr(model, "watermark_gap", False)), J)
+                         clusters, self.watermark, bool(getattr(model, "watermark_gap", False)), J)
 
     def attach_mix(self, slots: int) -> None:
         """Compute the virtual-item mixes of the cluster version (its members joined to the raw store) once."""
