@@ -7,7 +7,7 @@ store (CSR by user), the cluster version (for models whose long part is clusters
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ class World:
     sample_floor: int | None = None
     excluded: dict | None = None
     pinned_version: str | None = None      # train.cluster_version asked for (also by models without clusters)
+    cache: dict = field(default_factory=dict, repr=False)   # built once on first use: feedback, by_size
 
     def samples(self, split: str | None = None, impressions: pd.DataFrame | None = None) -> Samples:
         imp = impressions if impressions is not None else self.impressions
@@ -58,9 +59,9 @@ class World:
         """The train split's labels by (user, ts) (twinv2.training.feedback.Feedback), built once."""
         from twinv2.training.feedback import Feedback
 
-        if getattr(self, "_feedback", None) is None:
-            self._feedback = Feedback.from_impressions(self.impressions)
-        return self._feedback
+        if "feedback" not in self.cache:
+            self.cache["feedback"] = Feedback.from_impressions(self.impressions)
+        return self.cache["feedback"]
 
     def dataset(self, samples: Samples, model) -> SampleSet:
         J = int(getattr(model, "mix_slots", 0) or 0) if model.long_source == "clusters" else 0
@@ -68,10 +69,10 @@ class World:
             self.attach_mix(J)
         clusters = self.clusters
         if clusters is not None and model.long_source == "clusters" and getattr(model, "cluster_order", "time") == "size":
-            cache = self.__dict__.setdefault("_by_size", {})
-            if cache.get("key") is not clusters.mix:          # rebuilt when attach_mix replaced the mixes
-                cache.update(key=clusters.mix, rows=clusters.by_size())
-            clusters = cache["rows"]
+            mix, rows = self.cache.get("by_size", (None, None))
+            if rows is None or mix is not clusters.mix:          # rebuilt when attach_mix replaced the mixes
+                self.cache["by_size"] = (clusters.mix, clusters.by_size())
+            clusters = self.cache["by_size"][1]
         return SampleSet(samples, self.raw, self.vocab, model.long_source, model.long_len, model.short_len,
                          clusters, self.watermark, bool(getattr(model, "watermark_gap", False)), J)
 
