@@ -171,6 +171,17 @@ def test_vocab_roundtrip(tmp_path):
         Vocab.build(items.drop(columns="category"))
 
 
+def _clusters_then_gap(vocab, mine, beh, r, W, long_len):
+    """Reference long part: the user's cluster rows `mine` (in the order given), then the raw behaviours in
+    [W, r.ts) as clusters of size 1, the last long_len of the two -> (item indices, ln n)."""
+    gap = beh[(beh.user_id == r.user_id) & (beh.ts >= W) & (beh.ts < r.ts)]
+    want_item = np.concatenate([vocab.item_index(mine.item_id.to_numpy()), vocab.item_index(gap.item_id.to_numpy())])
+    want_n = np.concatenate([np.log(mine["size"].to_numpy()), np.zeros(len(gap))])
+    if long_len is not None:
+        want_item, want_n = want_item[-long_len:], want_n[-long_len:]
+    return want_item, want_n
+
+
 @pytest.mark.parametrize("long_len", [3, 8, None])
 def test_watermark_gap_rows_follow_the_clusters_and_never_reach_ts(tmp_path, long_len):
     """watermark_gap: long = the user's clusters (behaviours < W), then the raw behaviours in [W, ts) as
@@ -189,11 +200,7 @@ def test_watermark_gap_rows_follow_the_clusters_and_never_reach_ts(tmp_path, lon
     assert len(imp) > 5
     for i, r in enumerate(imp.itertuples()):
         mine = cl[cl.user_id == r.user_id].sort_values("ts", kind="stable")
-        gap = beh[(beh.user_id == r.user_id) & (beh.ts >= W) & (beh.ts < r.ts)]
-        want_item = np.concatenate([vocab.item_index(mine.item_id.to_numpy()), vocab.item_index(gap.item_id.to_numpy())])
-        want_n = np.concatenate([np.log(mine["size"].to_numpy()), np.zeros(len(gap))])
-        if long_len is not None:
-            want_item, want_n = want_item[-long_len:], want_n[-long_len:]
+        want_item, want_n = _clusters_then_gap(vocab, mine, beh, r, W, long_len)
         m = b["long"]["mask"][i].numpy()
         assert m.sum() == len(want_item) and m[:m.sum()].all()               # left-aligned
         np.testing.assert_array_equal(b["long"]["item"][i].numpy()[m], want_item)
@@ -324,11 +331,7 @@ def test_cluster_order_size_keeps_the_largest_clusters_then_the_gap_rows(tmp_pat
     assert len(imp) > 5 and (cl.groupby("user_id").size() > (long_len or 0)).any()
     for i, r in enumerate(imp.itertuples()):
         mine = cl[cl.user_id == r.user_id].sort_values(["size", "ts"], kind="stable")
-        gap = beh[(beh.user_id == r.user_id) & (beh.ts >= W) & (beh.ts < r.ts)]
-        want_item = np.concatenate([vocab.item_index(mine.item_id.to_numpy()), vocab.item_index(gap.item_id.to_numpy())])
-        want_n = np.concatenate([np.log(mine["size"].to_numpy()), np.zeros(len(gap))])
-        if long_len is not None:
-            want_item, want_n = want_item[-long_len:], want_n[-long_len:]
+        want_item, want_n = _clusters_then_gap(vocab, mine, beh, r, W, long_len)
         m = b["long"]["mask"][i].numpy()
         np.testing.assert_array_equal(b["long"]["item"][i].numpy()[m], want_item)
         np.testing.assert_allclose(b["long"]["log_n"][i].numpy()[m], want_n, rtol=1e-6)
