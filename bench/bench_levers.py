@@ -69,6 +69,10 @@ ROWS = {
     "num_emb": {"model.numeric_embed": 8},                                  # default + periodic numeric embeddings
     "by_size": {"model.cluster_order": "size"},                             # TWIN-V2 keeps its largest clusters
     "num_emb_s01": {"model.numeric_embed": 8, "model.numeric_sigma": 0.1},  # smoother frequencies
+    "epochs8": {"train.epochs": 8, "train.patience": 3},                    # twice the epochs (best is often the last)
+    "lr2": {"train.lr": 0.002},                                             # twice the dense learning rate
+    "adamw": {"train.optimizer": "adamw", "train.weight_decay": 0.01},      # decoupled weight decay (every parameter)
+    "recency": {"model.match_recency": True},                               # + how long ago each target id was last read
 }
 
 

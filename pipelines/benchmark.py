@@ -48,7 +48,7 @@ METRIC_KEYS = ("auc", "gauc", "logloss", "oracle_auc", "oracle_gap", "ece")
 # ablation switches added after cells existed: at their default (today's behaviour) left out of the key, so
 # a cell computed before the switch stays done (pipelines.cluster.NAME_DEFAULTS does the same for versions)
 KEY_DEFAULTS = {"model": {"log_n": True, "numeric_embed": 0, "numeric_dim": 8, "numeric_sigma": 1.0,
-                          "cluster_order": "time"},
+                          "cluster_order": "time", "match_recency": False},
                 "cluster": {"virtual_ids": "nearest", "method": "hierarchical"}}
 # switches added later that only some models read: left out of the key of every other model (their cells stay done)
 KEY_ONLY_FOR = {"model": {"cluster_order": {"twinv2"}}}

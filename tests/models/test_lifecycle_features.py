@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tests.models.conftest import SMALL, VOCAB, make_batch, pad_to
 from twinv2.models import MODEL_NAMES, build_model
-from twinv2.models.base import match_counts
+from twinv2.models.base import match_counts, match_recency
 from twinv2.training.samples import RowFeatures
 
 FIELDS = ("category", "author", "item")
@@ -308,3 +308,51 @@ def test_numeric_embed_feeds_the_scalars_to_the_head_as_embeddings(name):
         model.numeric.bias.add_(1.0)                       # the embedding's output is read by the head
         assert not torch.allclose(base, model(batch))
     assert build_model(name, VOCAB_POP, {**LEVERS, "numeric_embed": 0}).numeric is None
+
+
+def _naive_recency(seq, target, fields, n_gap):
+    B, L = seq["mask"].shape
+    out = torch.ones(B, len(fields) + 1)
+    for b in range(B):
+        for i in range(L):
+            if not bool(seq["mask"][b, i]):
+                continue
+            g = float(seq["cross"][b, i, 2]) / n_gap
+            out[b, -1] = min(out[b, -1], g)
+            for j, f in enumerate(fields):
+                if int(seq[f][b, i]) == int(target[f][b]):
+                    out[b, j] = min(out[b, j], g)
+    return out
+
+
+@pytest.mark.parametrize("clusters", [False, True])
+def test_match_recency_equals_a_per_sample_loop(clusters):
+    batch = make_batch(B=6, L=15, long_lens=[15, 0, 3, 9, 1, 14], seed=4, clusters=clusters)
+    n_gap = VOCAB["cross"][2]
+    for b in range(6):                                   # plant matches at known gaps
+        batch["long"]["category"][b, 1:3] = batch["target"]["category"][b] * batch["long"]["mask"][b, 1:3]
+        batch["long"]["item"][b, 0] = batch["target"]["item"][b] * batch["long"]["mask"][b, 0]
+    batch["long"]["cross"][..., 2] = torch.randint(1, n_gap, batch["long"]["mask"].shape) * batch["long"]["mask"]
+    got = match_recency(batch["long"], batch["target"], FIELDS, n_gap)
+    torch.testing.assert_close(got, _naive_recency(batch["long"], batch["target"], FIELDS, n_gap))
+    assert torch.all(got[1] == 1.0)                      # an empty sequence: nothing read, every entry 1
+    assert (got[:, 0] < 1).sum() >= 4                    # the planted category matches are seen
+
+
+@pytest.mark.parametrize("name", ["twinv2", "twin", "din"])
+def test_match_recency_reaches_the_head_and_ignores_padding(name):
+    p = {**LEVERS, "match_recency": True}
+    torch.manual_seed(0)
+    model = build_model(name, VOCAB_POP, p).eval()
+    off = build_model(name, VOCAB_POP, LEVERS)
+    batch = _with_pop(make_batch(B=4, L=12, seed=2, clusters=name == "twinv2"))
+    with torch.no_grad():
+        base = model(batch)
+        torch.testing.assert_close(base, model(pad_to(batch, "long", 15)), rtol=1e-5, atol=1e-5)
+        short = dict(batch["short"], cross=batch["short"]["cross"].clone())
+        short["cross"][..., 2] = torch.where(short["mask"], torch.full_like(short["cross"][..., 2], 1),
+                                             short["cross"][..., 2])   # every short row read just now
+        assert not torch.allclose(base, model(dict(batch, short=short)))
+    # F + 1 more head inputs per sequence read; off: none
+    extra = model.head.net[0].in_features - off.head.net[0].in_features
+    assert extra == len(model.parts()) * (len(FIELDS) + 1)

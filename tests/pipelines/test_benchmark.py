@@ -512,7 +512,8 @@ def test_cell_key_leaves_out_late_switches_at_their_default_and_params_a_model_d
     p = load_params()
     base = {m: cell_key(m, p) for m in ("twinv2", "twin", "gbdt")}
     old = {**p, "model": {k: v for k, v in p["model"].items() if k not in ("numeric_embed", "numeric_dim",
-                                                                        "numeric_sigma", "cluster_order")}}
+                                                                        "numeric_sigma", "cluster_order",
+                                                                        "match_recency")}}
     assert {m: cell_key(m, old) for m in base} == base           # params.yaml before the switches: same keys
     size = {**p, "model": {**p["model"], "cluster_order": "size"}}
     assert cell_key("twinv2", size) != base["twinv2"]

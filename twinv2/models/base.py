@@ -30,6 +30,8 @@ class CTRModel(nn.Module):
         # "other features" of the head (TWIN-V2 sec. 3.4): the target's popularity bucket (views before ts)
         self.pop = nn.Embedding(int(vocab.get("pop", 22)), p["side_dim"]) if p.get("target_pop") else None
         self.count_fields = tuple(p.get("match_counts") or ())
+        # match_recency: per part, how long ago the target's category / author / item was last read (match_recency())
+        self.recency_fields = tuple(p.get("match_counts") or ()) if p.get("match_recency") else ()
         # the target's views and mean completion before ts, and its author's (target["stats"], 4 numbers)
         self.target_stats = bool(p.get("target_stats", False))
         # the user's earlier train labels: ln(1 + n), (k + p0) / (n + 1) (target["feedback"], twinv2.training.feedback)
@@ -78,6 +80,7 @@ class CTRModel(nn.Module):
                                  f"{list(self.count_fields)}: set it to [category, author, item] or virtual_mix: 0")
         n_scalar = len(self.parts()) * (4 * len(self.count_fields) + 2) if self.count_fields else 0
         n_scalar += (4 if self.target_stats else 0) + (2 if self.user_feedback else 0)
+        n_scalar += len(self.parts()) * (len(self.recency_fields) + 1) if self.recency_fields else 0
         other += n_scalar
         if self.numeric_k and n_scalar:
             d = int(p.get("numeric_dim", 8))
@@ -119,6 +122,9 @@ class CTRModel(nn.Module):
                 scalars.append(batch["life"])                        # (B, 4F+2), F = MIX_FIELDS
             else:
                 scalars.append(match_counts(batch[part], batch["target"], self.count_fields))   # (B, 4F+2)
+        for part in self.parts() if self.recency_fields else ():
+            scalars.append(match_recency(batch[part], batch["target"], self.recency_fields,
+                                         self.vocab["cross"][2]))                                # (B, F+1)
         x += scalars
         if self.numeric is not None:
             x.append(self.numeric(torch.cat([t.float() for t in scalars], dim=-1)))   # (B, n_scalar * numeric_dim)
@@ -191,6 +197,23 @@ def match_counts(seq: dict, target: dict, fields: tuple[str, ...]) -> torch.Tens
     N, P = n.sum(1, keepdim=True), (n * c).sum(1, keepdim=True)
     out += [torch.log1p(N), P / N.clamp_min(1.0)]
     return torch.cat(out, dim=-1)
+
+
+def match_recency(seq: dict, target: dict, fields: tuple[str, ...], n_gap: int) -> torch.Tensor:
+    """How long ago the sequence last held the target's id of each field, parameter-free: over the rows read,
+    g_i = the row's time-gap bucket (seq["cross"][..., 2] = 1 + floor(log2(1 + seconds before ts)), samples.Vocab;
+    a cluster's gap is that of its ts), m_if = [id_if == id_qf]:
+
+        R_f = min_i {g_i : m_if} / n_gap   (F each, 1 when no row matches)     R = min_i g_i / n_gap
+
+    -> (B, F + 1) in (0, 1], n_gap = the gap vocabulary size (gap_log2_max + 2). The recency of the target's
+    category in the user's history, as the gbdt anchor's cat_gap_log / item_gap_log / user_gap_log read it."""
+    g = seq["cross"][..., 2].float()                                                       # (B, L)
+    none = torch.full_like(g, float(n_gap))
+    g = torch.where(seq["mask"], g, none)
+    m = torch.stack([(seq[f] == target[f].unsqueeze(1)) for f in fields], dim=-1)          # (B, L, F)
+    per_field = torch.where(m, g.unsqueeze(-1), none.unsqueeze(-1)).amin(1)                # (B, F)
+    return torch.cat([per_field, g.amin(1, keepdim=True)], dim=-1) / float(n_gap)
 
 
 class TwoStage(CTRModel):
