@@ -8,7 +8,7 @@ recent raw behaviours (active interests only, so it cannot know), TWIN-V2 the us
 `cluster_behaviours` (gamma 20, exponent 0.3) over the whole history (~27 virtual items per user, ln n
 in the attention). Same targets, labels, short sequences, parameters and training for both (600 Adam
 steps of 128). The pipeline-level version on the tiny synthetic world is tests/training/test_train.py::
-test_twinv2_beats_twin_when_dormant_interests_matter (xfail: there the signal is too weak for so little data).
+test_twinv2_beats_twin_when_dormant_interests_matter (a strict test since the life-cycle levers of issue 12).
 """
 from __future__ import annotations
 
