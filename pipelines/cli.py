@@ -281,12 +281,39 @@ def _dispatch(args: argparse.Namespace, params: dict) -> Any:
     if args.cmd == "benchmark":
         from pipelines import benchmark
         return benchmark.run(data=args.data, out=args.out, params=params, models=args.models, seeds=args.seeds,
-                             variants=args.variants, command="twinv2 " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
+                             variants=args.variants,
+                             command="twinv2 " + shown_command(getattr(args, "argv", None) or sys.argv[1:]),
                              only=args.cell, publish_to=args.publish, adopt_from=args.adopt)
     if args.cmd == "register":
         from pipelines import register
         return register.run(run=args.run, data=args.data, params=params)
     raise SystemExit(EXIT_USAGE)  # pragma: no cover - argparse refuses unknown commands
+
+
+def shown_command(argv: list[str]) -> str:
+    """The command line as a report prints it: absolute paths inside this repository become repository-relative
+    (`--publish /home/me/twinv2/docs/results.md` -> `--publish docs/results.md`), so a published report names
+    the files a reader has; every other argument is kept as given."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def rel(tok: str) -> str:
+        if not os.path.isabs(tok):
+            return tok
+        try:
+            return Path(tok).resolve().relative_to(root).as_posix()
+        except ValueError:
+            return tok
+
+    out = []
+    for tok in argv:
+        if tok.startswith("--") and "=" in tok:
+            k, v = tok.split("=", 1)
+            out.append(f"{k}={rel(v)}")
+        else:
+            out.append(rel(tok))
+    return " ".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:

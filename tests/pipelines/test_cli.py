@@ -224,3 +224,16 @@ def test_a_partial_params_file_is_a_usage_error(tmp_path):
     r = twinv2("--params", str(f), "validate", "--data", "D")
     assert r.returncode == EXIT_USAGE, r.stderr
     _one_paragraph(r, str(f), "lacks the sections", "validate")
+
+
+def test_reports_show_paths_inside_the_repository_relative(tmp_path):
+    """A published report's command line names repository files as a reader has them, not the author's
+    absolute checkout path; paths outside the repository and every other argument stay as given."""
+    from pathlib import Path
+
+    from pipelines.cli import shown_command
+    root = Path(__file__).resolve().parent.parent.parent
+    argv = ["benchmark", "--data", str(tmp_path / "D"), "--publish", str(root / "docs" / "results.md"),
+            f"--adopt={root / 'docs' / 'results_files' / 'results.json'}", "--set", "a=/x", "docs/rel.md"]
+    assert shown_command(argv) == (f"benchmark --data {tmp_path / 'D'} --publish docs/results.md "
+                                   "--adopt=docs/results_files/results.json --set a=/x docs/rel.md")
