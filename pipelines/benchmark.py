@@ -343,6 +343,8 @@ def adopt(out: str | Path, cells: list[dict], results: str | Path) -> dict:
     if not isinstance(recs, list):
         raise ConfigError(f"--adopt {results}: no `cells` list; expected the results.json of `twinv2 benchmark`")
     commit = (old.get("meta") or {}).get("git_commit")
+    from pipelines.cli import shown_path
+    src = shown_path(str(results))
     by_key: dict[str, dict] = {}
     for i, r in enumerate(recs):
         missing = [k for k in ("model", "variant", "seed", "key", "metrics") if not isinstance(r, dict) or k not in r]
@@ -357,13 +359,18 @@ def adopt(out: str | Path, cells: list[dict], results: str | Path) -> dict:
         if (r["model"], r["variant"], int(r["seed"])) != (c["model"], c["variant"], int(c["seed"])):
             continue            # the same params under another name: computed here, so that labels stay true
         rec = {k: r.get(k) for k in RECORD_KEYS}
-        rec.update(label=label(c), how=f"adopted from {results} (commit {commit}; there: {r.get('how')})",
-                   adopted={"from": str(results), "commit": commit}, finished_s=time.time())
+        # provenance: the commit that COMPUTED the cell (a cell adopted there keeps its own origin, so a chain of
+        # re-published reports still names where each figure was computed)
+        first = r.get("adopted") if isinstance(r.get("adopted"), dict) else None
+        computed = first.get("commit") if first else commit
+        rec.update(label=label(c), how=f"adopted from {src} (computed at commit {computed})",
+                   adopted={"from": src, "commit": computed, **({"via": first.get("from")} if first else {})},
+                   finished_s=time.time())
         d = cell_dir(out, c)
         d.mkdir(parents=True, exist_ok=True)
         write_json(d / "cell.json", rec)
         taken.append(label(c))
-    return {"from": str(results), "commit": commit, "cells": taken}
+    return {"from": src, "commit": commit, "cells": taken}
 
 
 def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:

@@ -294,26 +294,26 @@ def shown_command(argv: list[str]) -> str:
     """The command line as a report prints it: absolute paths inside this repository become repository-relative
     (`--publish /home/me/twinv2/docs/results.md` -> `--publish docs/results.md`), so a published report names
     the files a reader has; every other argument is kept as given."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-
-    def rel(tok: str) -> str:
-        if not os.path.isabs(tok):
-            return tok
-        try:
-            return Path(tok).resolve().relative_to(root).as_posix()
-        except ValueError:
-            return tok
-
     out = []
     for tok in argv:
         if tok.startswith("--") and "=" in tok:
             k, v = tok.split("=", 1)
-            out.append(f"{k}={rel(v)}")
+            out.append(f"{k}={shown_path(v)}")
         else:
-            out.append(rel(tok))
+            out.append(shown_path(tok))
     return " ".join(out)
+
+
+def shown_path(tok: str) -> str:
+    """An absolute path inside this repository as a repository-relative one; anything else as given."""
+    from pathlib import Path
+
+    if not os.path.isabs(tok):
+        return tok
+    try:
+        return Path(tok).resolve().relative_to(Path(__file__).resolve().parent.parent).as_posix()
+    except ValueError:
+        return tok
 
 
 def main(argv: list[str] | None = None) -> int:

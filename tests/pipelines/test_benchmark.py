@@ -197,8 +197,9 @@ def test_adopt_cells_of_an_earlier_report(bench, tmp_path, params):
     from pipelines.cli import main
 
     src = tmp_path / "published.json"
-    shutil.copyfile(bench["out"] / "results.json", src)
-    old = json.loads(src.read_text())
+    old = json.loads((bench["out"] / "results.json").read_text())
+    old["meta"]["git_commit"] = "a" * 40                      # as if published at another commit
+    src.write_text(json.dumps(old))
     out = tmp_path / "grown"
     args = [str(out) if a == str(bench["out"]) else a for a in bench["args"]] + ["--adopt", str(src)]
     assert main(args) == 0
@@ -216,6 +217,18 @@ def test_adopt_cells_of_an_earlier_report(bench, tmp_path, params):
     again = json.loads((out / "results.json").read_text())["meta"]
     assert again["computed"] == 0 and again["adopted"]["cells"] == []
     assert "3 cells were adopted from" in (out / "results.md").read_text()     # the records keep where they came from
+    # re-published at a later commit and adopted again: each cell still names the commit that computed it
+    grown = json.loads((out / "results.json").read_text())
+    grown["meta"]["git_commit"] = "b" * 40
+    (tmp_path / "republished.json").write_text(json.dumps(grown))
+    third = tmp_path / "third"
+    assert main([str(third) if a == str(bench["out"]) else a for a in bench["args"]]
+                + ["--adopt", str(tmp_path / "republished.json")]) == 0
+    recs = json.loads((third / "results.json").read_text())["cells"]
+    assert {c["adopted"]["commit"] for c in recs} == {"a" * 40}
+    assert {c["adopted"]["via"] for c in recs} == {str(src)}
+    assert all(c["how"] == f"adopted from {tmp_path / 'republished.json'} (computed at commit {'a' * 40})" for c in recs)
+    assert f"(computed at commit `{'a' * 40}`" in (third / "results.md").read_text()
     # other params: other keys, nothing taken
     p = small(params)
     p["train"]["lr"] = 0.004
