@@ -10,7 +10,9 @@ A row is a named set of `--set`-style overrides applied on top of params.yaml (R
 order the levers were tried, so each row measures one lever alone on top of the previous one). A cell is
 exactly `twinv2 --set ... train --data D --model M --out R` then the test AUC/GAUC that `twinv2 evaluate`
 reports (pipelines.train.run + RunScorer.predict_frame on the test split). Cells are written to
-OUT_DIR/<row>/<model>/s<seed>/cell.json and not recomputed when present (delete the folder to rerun).
+OUT_DIR/<row>/<model>/s<seed>/cell.json with their params key (pipelines.benchmark.cell_key) and not recomputed
+when present (delete the folder to rerun); a present cell whose key differs from what params.yaml + the row give
+now is an error, not a silent reuse.
 """
 from __future__ import annotations
 
@@ -89,9 +91,16 @@ def cell_path(out: Path, row: str, model: str, seed: int) -> Path:
 
 
 def cell(data: str, row: str, model: str, seed: int, out: Path) -> dict:
+    from pipelines.benchmark import cell_key
+
     path = cell_path(out, row, model, seed)
+    params = apply(load_params(), {**ROWS[row], "train.seed": seed, "train.progress": False})
+    key = cell_key(model, params)           # the result-relevant params (pipelines.benchmark's cell key)
     if path.exists():
         res = json.loads(path.read_text())
+        if res.get("key", key) != key:      # cells written before keys were stored are read as they are
+            raise ValueError(f"{path}: computed under other params (key {res['key']}, params.yaml + row {row!r} "
+                             f"now give {key}); delete {path.parent} to recompute it, or use another --cells folder")
         if "groups" not in res and (path.parent / "run" / "model.pt").exists():   # cells written before groups
             res["groups"] = _groups(data, path.parent / "run")[1]
             write_json(path, res)
@@ -99,11 +108,10 @@ def cell(data: str, row: str, model: str, seed: int, out: Path) -> dict:
     from pipelines import train
     from twinv2.metrics.ctr import auc, gauc
 
-    params = apply(load_params(), {**ROWS[row], "train.seed": seed, "train.progress": False})
     t0 = time.perf_counter()
     rep = train.run(data, model, path.parent / "run", params)
     pred, groups = _groups(data, path.parent / "run")
-    res = {"row": row, "model": model, "seed": seed, "overrides": ROWS[row],
+    res = {"row": row, "model": model, "seed": seed, "overrides": ROWS[row], "key": key,
            "auc": auc(pred["label"], pred["prob"]), "gauc": gauc(pred["user"], pred["label"], pred["prob"])["gauc"],
            "best_epoch": rep.get("best_epoch"), "wall_s": time.perf_counter() - t0, "groups": groups}
     write_json(path, res)

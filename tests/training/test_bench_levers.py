@@ -54,3 +54,26 @@ def test_a_cell_trains_evaluates_and_is_not_recomputed(planted_ro, tmp_path):
     stored["auc"] = -1.0                                            # a finished cell is read, not recomputed
     f.write_text(json.dumps(stored))
     assert cell(str(planted_ro), "default", "avg_pool", 0, tmp_path)["auc"] == -1.0
+
+
+def test_a_cell_computed_under_other_params_is_refused_not_reused(monkeypatch, tmp_path):
+    """A stored cell carries its params key; params.yaml changed since (another key) is a clear error naming
+    the cell; a cell written before keys were stored is read as it is."""
+    import bench.bench_levers as bl
+    from pipelines.benchmark import cell_key
+    from twinv2.config import load_params
+
+    f = tmp_path / "default" / "twin" / "s0" / "cell.json"
+    f.parent.mkdir(parents=True)
+    now = cell_key("twin", apply(load_params(), {"train.seed": 0, "train.progress": False}))
+    f.write_text(json.dumps({"row": "default", "model": "twin", "seed": 0, "auc": 0.6, "gauc": 0.6, "groups": [],
+                             "key": now}))
+    assert cell("unused", "default", "twin", 0, tmp_path)["auc"] == 0.6          # same params: read
+    real = bl.load_params
+    monkeypatch.setattr(bl, "load_params", lambda: apply(real(), {"train.lr": 0.123}))
+    with pytest.raises(ValueError, match=r"twin/s0/cell\.json: computed under other params"):
+        cell("unused", "default", "twin", 0, tmp_path)
+    legacy = json.loads(f.read_text())
+    del legacy["key"]
+    f.write_text(json.dumps(legacy))
+    assert cell("unused", "default", "twin", 0, tmp_path)["auc"] == 0.6          # no key stored: as before
