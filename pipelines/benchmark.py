@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from twinv2.config import load_params
+from twinv2.config import REPO_ROOT, load_params
 from twinv2.errors import ConfigError
 from twinv2.io import atomic_dir, atomic_path, read_json, write_json
 
@@ -326,6 +326,30 @@ RECORD_KEYS = ("model", "variant", "seed", "key", "label", "overrides", "cluster
                "cost", "train", "curve", "how", "run_dir")
 
 
+def shown_command(argv: list[str]) -> str:
+    """The command line as a report prints it: absolute paths inside this repository become repository-relative
+    (`--publish /home/me/twinv2/docs/results.md` -> `--publish docs/results.md`), so a published report names
+    the files a reader has; every other argument is kept as given."""
+    out = []
+    for tok in argv:
+        if tok.startswith("--") and "=" in tok:
+            k, v = tok.split("=", 1)
+            out.append(f"{k}={shown_path(v)}")
+        else:
+            out.append(shown_path(tok))
+    return " ".join(out)
+
+
+def shown_path(tok: str) -> str:
+    """An absolute path inside this repository as a repository-relative one; anything else as given."""
+    if not os.path.isabs(tok):
+        return tok
+    try:
+        return Path(tok).resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return tok
+
+
 def adopt(out: str | Path, cells: list[dict], results: str | Path) -> dict:
     """Take the finished cells of an earlier report (its results.json) as done: a planned cell that is not done
     in OUT and whose key equals the key of a cell there gets that record as its OUT/.../cell.json (how: "adopted
@@ -343,7 +367,6 @@ def adopt(out: str | Path, cells: list[dict], results: str | Path) -> dict:
     if not isinstance(recs, list):
         raise ConfigError(f"--adopt {results}: no `cells` list; expected the results.json of `twinv2 benchmark`")
     commit = (old.get("meta") or {}).get("git_commit")
-    from pipelines.cli import shown_path
     src = shown_path(str(results))
     by_key: dict[str, dict] = {}
     for i, r in enumerate(recs):

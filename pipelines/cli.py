@@ -280,40 +280,14 @@ def _dispatch(args: argparse.Namespace, params: dict) -> Any:
         return evaluate.run(data=args.data, run=args.run, params=params)
     if args.cmd == "benchmark":
         from pipelines import benchmark
+        command = "twinv2 " + benchmark.shown_command(getattr(args, "argv", None) or sys.argv[1:])
         return benchmark.run(data=args.data, out=args.out, params=params, models=args.models, seeds=args.seeds,
-                             variants=args.variants,
-                             command="twinv2 " + shown_command(getattr(args, "argv", None) or sys.argv[1:]),
+                             variants=args.variants, command=command,
                              only=args.cell, publish_to=args.publish, adopt_from=args.adopt)
     if args.cmd == "register":
         from pipelines import register
         return register.run(run=args.run, data=args.data, params=params)
     raise SystemExit(EXIT_USAGE)  # pragma: no cover - argparse refuses unknown commands
-
-
-def shown_command(argv: list[str]) -> str:
-    """The command line as a report prints it: absolute paths inside this repository become repository-relative
-    (`--publish /home/me/twinv2/docs/results.md` -> `--publish docs/results.md`), so a published report names
-    the files a reader has; every other argument is kept as given."""
-    out = []
-    for tok in argv:
-        if tok.startswith("--") and "=" in tok:
-            k, v = tok.split("=", 1)
-            out.append(f"{k}={shown_path(v)}")
-        else:
-            out.append(shown_path(tok))
-    return " ".join(out)
-
-
-def shown_path(tok: str) -> str:
-    """An absolute path inside this repository as a repository-relative one; anything else as given."""
-    from pathlib import Path
-
-    if not os.path.isabs(tok):
-        return tok
-    try:
-        return Path(tok).resolve().relative_to(Path(__file__).resolve().parent.parent).as_posix()
-    except ValueError:
-        return tok
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,7 +231,7 @@ def test_reports_show_paths_inside_the_repository_relative(tmp_path):
     absolute checkout path; paths outside the repository and every other argument stay as given."""
     from pathlib import Path
 
-    from pipelines.cli import shown_command
+    from pipelines.benchmark import shown_command
     root = Path(__file__).resolve().parent.parent.parent
     argv = ["benchmark", "--data", str(tmp_path / "D"), "--publish", str(root / "docs" / "results.md"),
             f"--adopt={root / 'docs' / 'results_files' / 'results.json'}", "--set", "a=/x", "docs/rel.md"]

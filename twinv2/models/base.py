@@ -175,6 +175,11 @@ class CTRModel(nn.Module):
         return self.features.item.weight.detach().float().cpu().clone()
 
 
+def target_matches(seq: dict, target: dict, fields: tuple[str, ...]) -> torch.Tensor:
+    """m_if = [id_if == id_qf]: (B, L, F) bool, row i of the sequence against the target, per field f."""
+    return torch.stack([(seq[f] == target[f].unsqueeze(1)) for f in fields], dim=-1)
+
+
 def match_counts(seq: dict, target: dict, fields: tuple[str, ...]) -> torch.Tensor:
     """How much of a sequence matches the target, parameter-free (docs/models.md, match_counts). Over the rows
     the model reads, n_i = exp(log_n) (cluster size for TWIN-V2's clusters, 1 for a raw behaviour, 0 for
@@ -188,7 +193,7 @@ def match_counts(seq: dict, target: dict, fields: tuple[str, ...]) -> torch.Tens
     samples.LifeCounts, the same 4F + 2 numbers over every cluster's member id mix plus the gap rows.)"""
     n = seq["log_n"].float().exp() * seq["mask"]                                        # (B, L)
     c = seq["comp"].float() if "comp" in seq else torch.ones_like(n)
-    m = torch.stack([(seq[f] == target[f].unsqueeze(1)) for f in fields], dim=-1).float()   # (B, L, F)
+    m = target_matches(seq, target, fields).float()                                      # (B, L, F)
     out = []
     for w in (n, n * c):
         tot = w.sum(1, keepdim=True)                                                     # (B, 1)
@@ -211,7 +216,7 @@ def match_recency(seq: dict, target: dict, fields: tuple[str, ...], n_gap: int) 
     g = seq["cross"][..., 2].float()                                                       # (B, L)
     none = torch.full_like(g, float(n_gap))
     g = torch.where(seq["mask"], g, none)
-    m = torch.stack([(seq[f] == target[f].unsqueeze(1)) for f in fields], dim=-1)          # (B, L, F)
+    m = target_matches(seq, target, fields)                                                # (B, L, F)
     per_field = torch.where(m, g.unsqueeze(-1), none.unsqueeze(-1)).amin(1)                # (B, F)
     return torch.cat([per_field, g.amin(1, keepdim=True)], dim=-1) / float(n_gap)
 
