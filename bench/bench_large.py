@@ -154,10 +154,10 @@ def celery_recluster(data: Path, n: int, out: Path, timeout: float = 3600) -> di
             together = max(together, sum(peak.values()))
 
         t0 = time.perf_counter()
-        run_id = srv.trigger(dag, {"data": str(data), "n_shards": n}, parse_timeout=300)[0]
-        state = srv.wait_run(dag, run_id, timeout, poll_s=0.5, on_poll=sample_rss, verbose=False)
+        run = srv.run_dag(dag, {"data": str(data), "n_shards": n}, timeout, parse_timeout=300, poll_s=0.5,
+                          on_poll=lambda _run_id: sample_rss(), verbose=False)
         wall = time.perf_counter() - t0
-        tis = srv.task_instances(dag, run_id)
+        run_id, state, tis = run
     finally:
         c.stop()
         shutil.rmtree(pg_root, ignore_errors=True)

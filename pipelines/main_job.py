@@ -103,15 +103,11 @@ def run_scheduled(data: Path, runs: Path, home: Path, conf_extra: dict | None = 
     with AirflowServices(home=home, extra_env=env) as srv:
         # unpaused for this run (the scheduler makes no timetable run: use_job_schedule is off), paused again
         # afterwards when it was paused
-        run_id, paused = srv.trigger("twinv2_daily", conf)
-        try:
-            state = srv.wait_run("twinv2_daily", run_id, timeout)
-        finally:
-            if paused:
-                srv.api("PATCH", "/api/v2/dags/twinv2_daily", {"is_paused": True})
-        if state != "success":
-            states = {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in srv.task_instances("twinv2_daily", run_id)}
-            raise RuntimeError(f"twinv2_daily run {run_id} ended {state}: {states}; task logs under {home / 'logs'}")
+        run = srv.run_dag("twinv2_daily", conf, timeout)
+        if run.state != "success":
+            raise RuntimeError(f"twinv2_daily run {run.run_id} ended {run.state}: {run.states}; task logs under "
+                               f"{home / 'logs'}")
+    run_id = run.run_id
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
 
 

@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 from twinv2.config import REPO_ROOT
 
@@ -116,6 +117,18 @@ class MlflowServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class DagRun(NamedTuple):
+    """A DAG run started by AirflowServices.run_dag, once it ended: its id, end state and task instances."""
+    run_id: str
+    state: str | None
+    task_instances: list[dict]
+
+    @property
+    def states(self) -> dict[str, str]:
+        """{"task_id[map_index]": state} of its task instances (for error messages)."""
+        return {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in self.task_instances}
 
 
 class AirflowServices:
@@ -219,7 +232,7 @@ class AirflowServices:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read() or b"{}")
 
-    # DAG runs over the REST API: what `make run`, the DAG tests and bench_large do with a started set-up
+    # DAG runs over the REST API: run_dag below is what `make run`, the DAG tests and bench_large call
     def trigger(self, dag_id: str, conf: dict, parse_timeout: float = 180) -> tuple[str, bool]:
         """Wait until the dag-processor has parsed DAG_ID, unpause it (a paused DAG's runs are not scheduled),
         POST a run with CONF. Returns (dag_run_id, whether the DAG was paused before)."""
@@ -258,6 +271,24 @@ class AirflowServices:
                     print(f"      running: {last}", flush=True)
             time.sleep(poll_s)
         return state
+
+    def run_dag(self, dag_id: str, conf: dict, timeout: float, *, parse_timeout: float = 180,
+                poll_s: float = 3.0, on_start=None, on_poll=None, verbose: bool = True) -> "DagRun":
+        """The one way a DAG run is started and awaited here (make run, bench_large, the DAG tests): wait until
+        the dag-processor has parsed DAG_ID, unpause it, trigger a run with CONF over the REST API, call
+        on_start(run_id), poll the run until it ends (on_poll(run_id) at each poll), pause the DAG again when it
+        was paused. Returns the run id, its end state ("success" / "failed", or the last state seen when
+        `timeout` s pass) and its task instances."""
+        run_id, paused = self.trigger(dag_id, conf, parse_timeout)
+        try:
+            if on_start is not None:
+                on_start(run_id)
+            state = self.wait_run(dag_id, run_id, timeout, poll_s=poll_s, verbose=verbose,
+                                  on_poll=None if on_poll is None else (lambda: on_poll(run_id)))
+        finally:
+            if paused:
+                self.api("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": True})
+        return DagRun(run_id, state, self.task_instances(dag_id, run_id))
 
     def stop(self) -> None:
         _stop(list(self.procs.values()), grace=20)

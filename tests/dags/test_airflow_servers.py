@@ -97,9 +97,8 @@ def test_trigger_daily_through_rest_and_read_back_mlflow(airflow, mlflow_server,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
 
     conf = {"data": str(tiny_world), "runs": str(tmp_path / "runs"), "train_epochs": 1, "n_shards": 2}
-    run_id = airflow.trigger("twinv2_daily", conf)[0]
-    state = airflow.wait_run("twinv2_daily", run_id, timeout=480, verbose=False)
-    states = {(t["task_id"], t["map_index"]): t["state"] for t in airflow.task_instances("twinv2_daily", run_id)}
+    run_id, state, tis = airflow.run_dag("twinv2_daily", conf, timeout=480, verbose=False)
+    states = {(t["task_id"], t["map_index"]): t["state"] for t in tis}
     assert state == "success", f"run {run_id} ended {state}: {states}\n" + "".join(
         p.read_text()[-1500:] for p in Path(airflow.home).glob("scheduler.log"))
     assert states[("cluster_shard", 0)] == states[("cluster_shard", 1)] == "success"

@@ -65,16 +65,12 @@ def _tis(c: CeleryCluster, run_id: str) -> list[dict]:
     return c.airflow.task_instances(DAG, run_id)
 
 
-def _trigger(c: CeleryCluster, conf: dict) -> str:
-    return c.airflow.trigger(DAG, conf)[0]
-
-
-def _finish(c: CeleryCluster, run_id: str, timeout: float = 900) -> list[dict]:
-    state = c.airflow.wait_run(DAG, run_id, timeout)
-    tis = _tis(c, run_id)
-    assert state == "success", (state, {f"{t['task_id']}[{t['map_index']}]": (t["state"], t["hostname"])
-                                        for t in tis})
-    return tis
+def _run(c: CeleryCluster, conf: dict, timeout: float = 900, **kw) -> tuple[str, list[dict]]:
+    """The DAG run through the shared helper (wait parsed, unpause, trigger over REST, wait for its end)."""
+    run = c.airflow.run_dag(DAG, conf, timeout, **kw)
+    assert run.state == "success", (run.state, {f"{t['task_id']}[{t['map_index']}]": (t["state"], t["hostname"])
+                                                for t in run.task_instances})
+    return run.run_id, run.task_instances
 
 
 def _safe(run_id: str) -> str:
@@ -110,14 +106,15 @@ def test_daily_on_two_celery_workers_equals_local_run(cluster, tiny_world_ro, tm
     data, runs = tmp_path / "world", tmp_path / "runs"
     shutil.copytree(tiny_world_ro, data)
     t0 = time.monotonic()
-    run_id = _trigger(cluster, {"data": str(data), "runs": str(runs), **CONF})
     # the in-process reference runs meanwhile (the Airflow run waits on scheduling and task start-up a lot)
     with ThreadPoolExecutor(1) as pool:
-        ref = pool.submit(_reference, shutil.copytree(tiny_world_ro, tmp_path / "ref"), tmp_path / "ref_runs",
-                          monkeypatch)
-        tis = _finish(cluster, run_id)
+        ref = []
+        run_id, tis = _run(cluster, {"data": str(data), "runs": str(runs), **CONF},
+                           on_start=lambda _: ref.append(pool.submit(
+                               _reference, shutil.copytree(tiny_world_ro, tmp_path / "ref"), tmp_path / "ref_runs",
+                               monkeypatch)))
         print(f"celery run: {time.monotonic() - t0:.0f}s")
-        ref = ref.result()
+        ref = ref[0].result()
     print(f"celery run and in-process reference: {time.monotonic() - t0:.0f}s")
     shards = [t for t in tis if t["task_id"] == "cluster_shard"]
     assert sorted(t["map_index"] for t in shards) == [0, 1, 2, 3]
@@ -140,36 +137,36 @@ def test_killed_worker_task_retried_on_the_other(cluster, tiny_world_ro, tmp_pat
     data, runs = tmp_path / "world", tmp_path / "runs"
     shutil.copytree(tiny_world_ro, data)
     conf = {"data": str(data), "runs": str(runs), **CONF, "models": ["twin"]}  # the failover, one model trained
-    run_id = _trigger(cluster, conf)
     # A shard seen running can finish between the poll and the kill. So the worker is frozen first (SIGSTOP on
     # its whole tree: the task can neither finish nor report), the state is read again after the freeze (and
     # a second, for a report already on its way), and only a shard still running is killed; one that finished
-    # meanwhile lets its worker go on and the next running shard is taken.
-    victim = shard = None
-    deadline = time.monotonic() + 600
-    while victim is None and time.monotonic() < deadline:
+    # meanwhile lets its worker go on and the next running shard is taken. Done at each poll of the run.
+    seen_kill: dict = {}
+
+    def kill_a_running_shard(run_id: str) -> None:
+        if seen_kill:
+            return
         seen = [t for t in _tis(cluster, run_id) if t["task_id"] == "cluster_shard" and t["state"] == "running"
                 and t["hostname"] in cluster.airflow.workers]
         if not seen:
-            time.sleep(0.3)
-            continue
+            return
         host, idx = seen[0]["hostname"], seen[0]["map_index"]
         cluster.airflow.suspend_worker(host)
         time.sleep(1.0)
         now = next(t for t in _tis(cluster, run_id) if t["task_id"] == "cluster_shard" and t["map_index"] == idx)
-        if now["state"] == "running" and now["hostname"] == host:
-            victim, shard = host, idx
-        else:
+        if now["state"] != "running" or now["hostname"] != host:
             print(f"shard {idx} was {now['state']} once {host} was frozen; letting it go on")
             cluster.airflow.resume_worker(host)
-    assert victim is not None, "no shard task seen running"
-    killed = cluster.airflow.kill_worker(victim)
-    t_kill = time.monotonic()
-    survivor = next(w for w in cluster.airflow.workers if w != victim)
-    print(f"killed {victim} ({len(killed)} processes) while it ran shard {shard}")
+            return
+        killed = cluster.airflow.kill_worker(host)
+        seen_kill.update(victim=host, shard=idx, t=time.monotonic())
+        print(f"killed {host} ({len(killed)} processes) while it ran shard {idx}")
 
-    tis = _finish(cluster, run_id)
-    print(f"run finished {time.monotonic() - t_kill:.0f}s after the kill")
+    run_id, tis = _run(cluster, conf, poll_s=0.3, on_poll=kill_a_running_shard, verbose=False)
+    assert seen_kill, "no shard task seen running"
+    victim, shard = seen_kill["victim"], seen_kill["shard"]
+    survivor = next(w for w in cluster.airflow.workers if w != victim)
+    print(f"run finished {time.monotonic() - seen_kill['t']:.0f}s after the kill")
     ti = next(t for t in tis if t["task_id"] == "cluster_shard" and t["map_index"] == shard)
     assert ti["state"] == "success" and ti["hostname"] == survivor and ti["try_number"] == 2, ti
     tries = cluster.airflow.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/cluster_shard/"
