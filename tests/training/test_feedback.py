@@ -33,10 +33,11 @@ def test_counts_match_the_plain_loop(rows, queries):
     np.testing.assert_array_equal(n, wn)
     np.testing.assert_allclose(k, wk)
     tr = imp[imp["split"] == "train"]
-    assert fb.prior == (pytest.approx(tr["label"].mean()) if len(tr) else 0.5)
+    p0 = np.array([tr.loc[tr["ts"] < t, "label"].mean() if (tr["ts"] < t).any() else 0.5 for t in ts])
+    np.testing.assert_allclose(fb.prior(ts), p0, rtol=1e-12)        # every user's train labels strictly before t
     f = fb.head_features(users, ts)
     np.testing.assert_allclose(f[:, 0], np.log1p(wn), rtol=1e-6)
-    np.testing.assert_allclose(f[:, 1], (wk + fb.prior) / (wn + 1), rtol=1e-6)
+    np.testing.assert_allclose(f[:, 1], (wk + p0) / (wn + 1), rtol=1e-6)
 
 
 def test_a_sample_never_counts_its_own_or_a_later_or_an_evaluation_label():
@@ -46,3 +47,20 @@ def test_a_sample_never_counts_its_own_or_a_later_or_an_evaluation_label():
     n, k = fb.counts(np.array([1, 1, 1, 1, 3]), np.array([10, 20, 21, 99, 99]))
     assert n.tolist() == [0, 1, 3, 3, 0]          # ts 10 counts nothing (its own), ts 20 only ts 10, the test row never
     assert k.tolist() == [0.0, 1.0, 2.0, 2.0, 0.0]
+
+
+def test_a_later_label_never_changes_an_earlier_samples_features():
+    """The prior p0 too reads only labels strictly before the sample (issue 30: it was the rate of the whole train
+    split, so flipping a later label, or the sample's own, moved an earlier sample's feature)."""
+    imp = pd.DataFrame({"user_id": [1, 2, 1, 2, 3, 1], "ts": [10, 15, 20, 30, 40, 50], "label": [1, 0, 0, 1, 1, 0],
+                        "split": ["train"] * 6})
+    users, ts = np.array([1, 2, 1, 2, 3, 1]), np.array([10, 15, 20, 30, 40, 50])
+    before = Feedback.from_impressions(imp).head_features(users, ts)
+    for j in range(len(imp)):                               # flip each label in turn
+        flipped = imp.assign(label=imp["label"].where(np.arange(len(imp)) != j, 1 - imp["label"]))
+        after = Feedback.from_impressions(flipped).head_features(users, ts)
+        same = ts <= ts[j]                                  # samples at or before the flipped label's time
+        np.testing.assert_array_equal(after[same], before[same])
+        assert (after[~same] != before[~same]).any(axis=1).all()   # and every later sample reads it
+    fb = Feedback.from_impressions(imp)
+    np.testing.assert_allclose(fb.prior(np.array([10, 11, 16, 50, 51])), [0.5, 1.0, 0.5, 3 / 5, 3 / 6])

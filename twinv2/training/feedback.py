@@ -6,8 +6,12 @@ synthetic world's labels) is not in the behaviour log; it is in these labels.
 
 Leakage rule: strictly before t, so a training sample never counts its own label or a later one, and valid /
 test samples count the train labels only (never another evaluation label). Used by the neural head
-(`model.user_feedback`: ln(1 + n) and (k + p0) / (n + 1), p0 = the train split's positive rate) and by the gbdt
-anchor (`gbdt.user_feedback`: ln(1 + n) and k / n, NaN when n = 0).
+(`model.user_feedback`: ln(1 + n) and (k + p0) / (n + 1)) and by the gbdt anchor (`gbdt.user_feedback`:
+ln(1 + n) and k / n, NaN when n = 0).
+
+The prior p0 follows the same rule: p0(t) = the positive rate of ALL users' train labels with ts' < t (0.5 when
+there is none), so no sample's features depend on its own label or a later one (issue 30: it was the rate of the
+whole train split, later labels and the sample's own included).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ import numpy as np
 import pandas as pd
 
 
-def head_features(n: np.ndarray, k: np.ndarray, prior: float) -> np.ndarray:
-    """(M, 2) float32 head features of counts (n, k): ln(1 + n), (k + p0) / (n + 1) (one pseudo-impression at p0)."""
+def head_features(n: np.ndarray, k: np.ndarray, prior) -> np.ndarray:
+    """(M, 2) float32 head features of counts (n, k): ln(1 + n), (k + p0) / (n + 1) (one pseudo-impression at p0;
+    prior: (M,) per-sample p0, or a scalar)."""
     n, k = np.asarray(n, np.float64), np.asarray(k, np.float64)
     return np.stack([np.log1p(n), (k + prior) / (n + 1.0)], axis=1).astype(np.float32)
 
@@ -30,7 +35,8 @@ class Feedback:
     user: np.ndarray      # (R,) int64 sorted by (user, ts)
     ts: np.ndarray        # (R,) int64
     cum: np.ndarray       # (R+1,) positives prefix sums
-    prior: float          # p0: the positive rate of all train impressions (0.5 when there are none)
+    all_ts: np.ndarray    # (R,) int64 every train label's ts, sorted (for the prior p0)
+    all_cum: np.ndarray   # (R+1,) positives prefix sums in that order
 
     @classmethod
     def from_impressions(cls, impressions: pd.DataFrame) -> "Feedback":
@@ -39,8 +45,15 @@ class Feedback:
         u, t = imp["user_id"].to_numpy(np.int64), imp["ts"].to_numpy(np.int64)
         y = imp["label"].to_numpy(np.float64)
         o = np.lexsort((t, u))
-        prior = float(y.mean()) if len(y) else 0.5
-        return cls(u[o], t[o], np.concatenate([[0.0], np.cumsum(y[o])]), prior)
+        g = np.argsort(t, kind="stable")
+        return cls(u[o], t[o], np.concatenate([[0.0], np.cumsum(y[o])]), t[g], np.concatenate([[0.0], np.cumsum(y[g])]))
+
+    def prior(self, ts: np.ndarray) -> np.ndarray:
+        """(M,) float64 p0 of each query time: the positive rate of every user's train labels with ts' < ts[i]
+        (strictly before: never the sample's own label nor a later one); 0.5 where there is none."""
+        ts = np.asarray(ts, np.int64)
+        m = np.searchsorted(self.all_ts, ts, side="left")          # labels with ts' < t
+        return np.where(m > 0, self.all_cum[m] / np.maximum(m, 1), 0.5)
 
     def counts(self, users: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, k) of each query (users[i], ts[i]): (M,) int64 and (M,) float64."""
@@ -60,5 +73,5 @@ class Feedback:
         return n.astype(np.int64), k
 
     def head_features(self, users: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        """(M, 2) float32: ln(1 + n), (k + p0) / (n + 1) (the rate with one pseudo-impression at p0)."""
-        return head_features(*self.counts(users, ts), self.prior)
+        """(M, 2) float32: ln(1 + n), (k + p0) / (n + 1) (the rate with one pseudo-impression at p0(t))."""
+        return head_features(*self.counts(users, ts), self.prior(ts))

@@ -405,10 +405,11 @@ class Samples:
     label: np.ndarray       # (M,) float32
     p_true: np.ndarray      # (M,) float32, NaN where unknown
     # the user's earlier train labels (twinv2.training.feedback; World.samples fills them): n, positives k, and
-    # p0 the train split's positive rate. None: not computed (a model reading them raises)
+    # p0 the positive rate of the train labels strictly before each sample. None: not computed (a model reading
+    # them raises)
     fb_n: np.ndarray | None = None      # (M,) int64
     fb_k: np.ndarray | None = None      # (M,) float64
-    fb_prior: float = 0.5
+    fb_prior: np.ndarray | None = None  # (M,) float64 (Feedback.prior)
 
     def __len__(self) -> int:
         return len(self.user)
@@ -541,23 +542,11 @@ class SampleSet(torch.utils.data.Dataset):
         self.gap_pos = None
         if long_source == "clusters" and watermark_gap and watermark is not None:
             self.gap_pos = raw.positions_before(int(watermark))                   # (U,) rows of u with ts < W
-        # the batch path: twinv2.training.fastbatch (one gather per field group from a packed row table), or
-        # reference_batch (False); the same tensors (tests/training/test_fast_input.py)
-        self.fast = True
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index) -> dict:
-        if self.fast:
-            from twinv2.training.fastbatch import fast_batch
-
-            return fast_batch(self, np.atleast_1d(np.asarray(index, dtype=np.int64)))
-        return self.reference_batch(index)
-
-    def reference_batch(self, index) -> dict:
-        """The batch of samples `index`, assembled store by store (`_gather`, `_concat`): the reference the fast
-        path (twinv2.training.fastbatch, the default) is tested equal to."""
         i = np.atleast_1d(np.asarray(index, dtype=np.int64))
         s, v = self.samples, self.vocab
         ts = s.ts[i].astype(np.float64)
@@ -601,7 +590,7 @@ class SampleSet(torch.utils.data.Dataset):
         if s.fb_n is not None:      # user_feedback: ln(1 + n), (k + p0) / (n + 1) of the user's earlier train labels
             from twinv2.training.feedback import head_features
 
-            out["feedback"] = torch.from_numpy(head_features(s.fb_n[i], s.fb_k[i], s.fb_prior))
+            out["feedback"] = torch.from_numpy(head_features(s.fb_n[i], s.fb_k[i], s.fb_prior[i]))
         return out
 
 

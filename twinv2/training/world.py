@@ -52,7 +52,7 @@ class World:
         s = make_samples(imp.reset_index(drop=True), self.hist, self.vocab, self.clusters, self.watermark)
         fb = self.feedback()
         s.fb_n, s.fb_k = fb.counts(s.user, s.ts)
-        s.fb_prior = fb.prior
+        s.fb_prior = fb.prior(s.ts)                 # p0 from labels strictly before each sample
         return s
 
     def feedback(self):
