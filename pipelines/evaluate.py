@@ -182,7 +182,7 @@ def _mlflow_log(run: Path, metrics: dict, ep: dict | None = None) -> None:
     is set: the metrics under one name each (tracking.report_metrics: auc, gauc, ece, group<i>.auc, ...; no
     settings), the evaluate params, the validated data as a dataset input, metrics.json and the plots."""
     from pipelines import tracking
-    from pipelines.train import _flat
+    from pipelines.train_tracking import flat
 
     if not tracking.tracking_wanted():
         return
@@ -201,7 +201,7 @@ def _mlflow_log(run: Path, metrics: dict, ep: dict | None = None) -> None:
         mlflow.set_tags({"stage": "evaluate", "model": metrics["model"], "run_dir": str(Path(run).resolve())})
         if ep:
             have = mlflow.get_run(run_id).data.params
-            mlflow.log_params({k: v for k, v in _flat({"evaluate": ep}).items() if k not in have})
+            mlflow.log_params({k: v for k, v in flat({"evaluate": ep}).items() if k not in have})
         mlflow.log_metrics(tracking.report_metrics(metrics))
         if metrics.get("data"):
             tracking.log_dataset(c, run_id, metrics["data"], "evaluate")

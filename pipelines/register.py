@@ -108,7 +108,7 @@ def logged_model_id(c, run_id: str, run: Path) -> str:
         return outputs[-1].model_id
     import mlflow
 
-    from pipelines.train import log_pyfunc
+    from pipelines.train_tracking import log_pyfunc
     from twinv2.training.scoring import RunScorer
 
     world = RunScorer(run).world

@@ -11,15 +11,14 @@ on the train split with early stopping on validation GAUC, and writes RUNDIR/:
     train_metrics.json     the report
 
 Under torchrun (WORLD_SIZE > 1) every rank trains on its share of the batches (DDP) and rank 0 writes.
-MLflow: logs into the active run, or the run MLFLOW_RUN_ID names, or its own run when MLFLOW_TRACKING_URI or
-TWINV2_MLFLOW=1 is set (the DVC stages; the default store then); nothing otherwise. Own and bound runs
-log system metrics (CPU, memory; GPU where present) and the validated data as a dataset input.
+MLflow (pipelines.train_tracking, shared with the gbdt stage): logs into the active run, or the run
+MLFLOW_RUN_ID names, or its own run when MLFLOW_TRACKING_URI or TWINV2_MLFLOW=1 is set (the DVC stages; the
+default store then); nothing otherwise. Own and bound runs log system metrics (CPU, memory; GPU where present)
+and the validated data as a dataset input.
 """
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +32,13 @@ from twinv2.training.loop import TrainConfig, fit
 from twinv2.training.samples import loader
 from twinv2.training.world import load_world
 
+from pipelines.train_tracking import save_state_dict, training_run
+
 
 def build(name: str, vocab, params: dict):
     from twinv2.models import build_model
 
     return build_model(name, vocab.sizes(), params)
-
-
-def _save_state_dict(path: Path, sd: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in sd.items()}, tmp)
 
 
 def _warm_start(model: torch.nn.Module, path: str | Path) -> dict:
@@ -150,7 +146,7 @@ def _run(data, name, out: Path, params, tp, cfg: TrainConfig, info, resume, warm
         write_json(out / "config.json", config)
         world.vocab.save(out / "vocab.npz")
     net = ddp.wrap(model, info)
-    with _mlflow(out, config, params, info.is_main) as ml:
+    with training_run(out, config, params, info.is_main) as ml:
         report = fit(net, train_loader, valid_loader, cfg, out / "checkpoints", info, resume=resume,
                      on_step=ml.step, on_epoch=ml.epoch)
         model = ddp.unwrap(net)
@@ -159,7 +155,7 @@ def _run(data, name, out: Path, params, tp, cfg: TrainConfig, info, resume, warm
                       cluster_version=world.cluster_version, total_wall_s=time.perf_counter() - t0)
         if info.is_main:
             sd = model.state_dict()
-            _save_state_dict(out / "model.pt", sd)
+            save_state_dict(out / "model.pt", sd)
             version = f"{out.name}-{state_hash(sd)}"
             emb = model.item_embedding_table().numpy()
             n = len(world.vocab.item_ids)
@@ -175,139 +171,3 @@ def _run(data, name, out: Path, params, tp, cfg: TrainConfig, info, resume, warm
             write_json(out / "train_metrics.json", report)
             ml.finish(report, model, world)
     return report
-
-
-# ------------------------------------------------------------------------------------------- MLflow
-
-
-class _NoTracking:
-    def step(self, step: int, metrics: dict) -> None:
-        pass
-
-    def epoch(self, epoch: int, metrics: dict) -> None:
-        pass
-
-    def finish(self, report: dict, model, world) -> None:
-        pass
-
-
-class _Tracking(_NoTracking):
-    def __init__(self, mlflow, out: Path):
-        self.mlflow, self.out = mlflow, out
-
-    def step(self, step, metrics):
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-    def epoch(self, epoch, metrics):
-        self.mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in metrics.items()
-                                 if isinstance(v, (int, float)) and v is not None and k != "epoch"}, step=epoch)
-
-    def finish(self, report, model, world):
-        mlflow = self.mlflow
-        mlflow.log_metrics({k: float(report[k]) for k in ("best_valid_gauc", "best_epoch", "epochs_run", "wall_s")
-                            if isinstance(report.get(k), (int, float))})
-        for f in ("config.json", "train_metrics.json", "item_embeddings.npz", "vocab.npz"):
-            if (self.out / f).exists():
-                mlflow.log_artifact(str(self.out / f))
-        log_pyfunc(mlflow, self.out, world)
-
-
-def _mlflow_wanted() -> bool:
-    from pipelines.tracking import tracking_wanted
-
-    return tracking_wanted()
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return out
-
-
-@contextmanager
-def _mlflow(out: Path, config: dict, params: dict, is_main: bool):
-    if not (is_main and _mlflow_wanted()):
-        yield _NoTracking()
-        return
-    import mlflow
-
-    from pipelines import tracking
-
-    own = mlflow.active_run() is None
-    if own:
-        tracking.use_store()                 # $MLFLOW_TRACKING_URI, else the default store; experiment twinv2
-        if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
-            mlflow.set_system_metrics_sampling_interval(2)   # short runs still get CPU/memory samples
-        rid = os.environ.get("MLFLOW_RUN_ID")
-        run = (mlflow.start_run(run_id=rid, log_system_metrics=True) if rid else
-               mlflow.start_run(run_name=f"train-{config['model']}", log_system_metrics=True))
-    try:
-        params_flat = _flat({"train": params.get("train", {}), "model": params.get("model", {})})
-        run_id = mlflow.active_run().info.run_id
-        existing = mlflow.get_run(run_id).data.params
-        mlflow.log_params({k: v for k, v in params_flat.items() if k not in existing})
-        mlflow.set_tags({"stage": "train", "model": config["model"], "cluster_version": str(config["cluster_version"]),
-                         "run_dir": str(out.resolve())})
-        tracking.log_dataset(tracking.client(), run_id, config["data"], "train")
-        mlflow.log_dict(config, "config.json")
-        yield _Tracking(mlflow, out)
-    finally:
-        if own:
-            mlflow.end_run()
-
-
-def pyfunc_class():
-    """The MLflow pyfunc wrapper of a run (defined on demand so that importing this module stays light)."""
-    import mlflow
-
-    class TwinV2Model(mlflow.pyfunc.PythonModel):
-        """Input: a DataFrame of user_id, item_id[, ts]; output: the click probability of each row,
-        scored from the stored history and clusters of the dataset directory the run was trained on.
-        A request for one user at one time (many candidates) takes the one-user serving path."""
-
-        def load_context(self, context):
-            from twinv2.training.scoring import RunScorer
-
-            self.scorer = RunScorer(context.artifacts["run_dir"])
-
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-
-            return pd.DataFrame({"score": self.scorer.score_frame(model_input)})
-
-    return TwinV2Model
-
-
-def log_pyfunc(mlflow, out: Path, world):
-    """Log the run as an MLflow pyfunc model with a signature (user_id, item_id, ts) -> score, into the active
-    run; returns its ModelInfo (model_id: what register links the registered version to)."""
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    from twinv2.training.scoring import RunScorer
-
-    import shutil
-    import tempfile
-
-    imp = world.impressions
-    if world.sample_floor is not None:                # rows the model may score without leakage
-        imp = imp[imp["ts"] >= world.sample_floor]
-    example = imp[["user_id", "item_id", "ts"]].head(5).reset_index(drop=True)
-    scores = RunScorer(out, world=world).predict_frame(example)["prob"]
-    signature = infer_signature(example, pd.DataFrame({"score": scores}))
-    with tempfile.TemporaryDirectory() as tmp:      # the weights, not the checkpoints
-        run_dir = Path(tmp) / "run"
-        run_dir.mkdir()
-        for f in ("config.json", "vocab.npz", "model.pt", "item_embeddings.npz"):
-            if (out / f).exists():
-                shutil.copy2(out / f, run_dir / f)
-        info = mlflow.pyfunc.log_model(name="model", python_model=pyfunc_class()(),
-                                       artifacts={"run_dir": str(run_dir)}, signature=signature,
-                                       input_example=example)
-    mlflow.set_tag("logged_model_id", info.model_id)   # register links its version to this logged model
-    return info

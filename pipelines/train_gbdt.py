@@ -12,8 +12,8 @@ when one exists), fits scikit-learn's HistGradientBoostingClassifier (params.yam
     model.pt             the trees as a dict of tensors (torch.load(weights_only=True); no pickle)
     train_metrics.json   the report (best_valid_gauc, best_epoch = trees kept, epochs_run = trees fitted, ...)
 
-MLflow exactly as the neural path (pipelines.train._mlflow): params, per-iteration valid metrics, the
-artifacts and the pyfunc model (scored by RunScorer).
+MLflow exactly as the neural path (pipelines.train_tracking.training_run): params, per-iteration valid metrics,
+the artifacts and the pyfunc model (scored by RunScorer).
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ from twinv2.io import write_json
 from twinv2.metrics.ctr import auc, gauc, logloss
 from twinv2.training.world import load_world
 
+from pipelines.train_tracking import Tracking, flat, save_state_dict, training_run
+
 
 def run(data: str | Path, out: str | Path, params: dict, resume: bool = False,
         warm_start: str | Path | None = None) -> dict:
     from twinv2.models.gbdt import FEATURES, FEEDBACK_FEATURES, Featurizer, GBDTModel, fit, gbdt_params
-
-    from pipelines.train import _flat, _mlflow, _save_state_dict, _Tracking
 
     if warm_start:
         raise ValueError(f"--warm-start {warm_start}: not supported for --model gbdt (the trees are refitted "
@@ -62,10 +62,10 @@ def run(data: str | Path, out: str | Path, params: dict, resume: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
     world.vocab.save(out / "vocab.npz")
-    with _mlflow(out, config, params, True) as ml:
-        if isinstance(ml, _Tracking):
+    with training_run(out, config, params, True) as ml:
+        if isinstance(ml, Tracking):
             existing = ml.mlflow.get_run(ml.mlflow.active_run().info.run_id).data.params
-            ml.mlflow.log_params({k: v for k, v in _flat({"gbdt": gp}).items() if k not in existing})
+            ml.mlflow.log_params({k: v for k, v in flat({"gbdt": gp}).items() if k not in existing})
         tf = time.perf_counter()
         est = fit(X_tr, tr.label, X_va, va.label, gp, seed=seed)
         fit_s = time.perf_counter() - tf
@@ -83,7 +83,7 @@ def run(data: str | Path, out: str | Path, params: dict, resume: bool = False,
             best_k = est.n_iter_
             best = history[-1]["valid_gauc"] if history else None
         model = GBDTModel.from_sklearn(est, best_k, gp["recent_n"], gp["recent_frac"])
-        _save_state_dict(out / "model.pt", model.to_state())
+        save_state_dict(out / "model.pt", model.to_state())
         gain = np.zeros(len(names))
         for pred in est._predictors[:best_k]:
             nodes = pred[0].nodes

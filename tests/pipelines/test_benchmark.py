@@ -501,7 +501,7 @@ def test_publish_failing_midway_keeps_the_previous_plots(tmp_path, monkeypatch):
     for name in ("a.png", "b.png"):
         (out / "plots" / name).write_bytes(b"new " + name.encode())
     (out / "results.md").write_text("# Benchmark results\n\nrun B\n")
-    real, calls = benchmark.shutil.copy2, []
+    real, calls = benchmark.reporting.shutil.copy2, []
 
     def copy_then_fail(src, dst):            # the disk fills up after the first plot
         calls.append(src)
@@ -509,7 +509,7 @@ def test_publish_failing_midway_keeps_the_previous_plots(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(benchmark.shutil, "copy2", copy_then_fail)
+    monkeypatch.setattr(benchmark.reporting.shutil, "copy2", copy_then_fail)
     with pytest.raises(OSError):
         benchmark.publish(out / "results.md", doc)
     assert doc.read_text() == before                                        # the document is untouched

@@ -62,7 +62,7 @@ def test_cost_table_has_macs_per_candidate(params, monkeypatch):
         seen.append(str(run))
         return 2_000
 
-    monkeypatch.setattr(benchmark, "model_macs", fake)
+    monkeypatch.setattr(benchmark.cost, "model_macs", fake)     # what the cost table calls
     records = [_record("twinv2", 0, 2_813_440), _record("twinv2", 1, 2_813_440), _record("twin", 0, None)]
     t = benchmark.tables(records, st, ["twinv2", "twin"], ["default"])
     cost = {r["model"]: r for r in t["cost"]}

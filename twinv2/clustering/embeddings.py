@@ -123,8 +123,7 @@ def from_checkpoint(path: str | Path) -> ItemEmbedding:
     checkpoint RUN/checkpoints/epoch-NNNN.pt (that epoch's weights), rows mapped to item ids by the run's
     vocab.npz. Version `<run name>-<hash of the weights>`: for model.pt the version training wrote into
     item_embeddings.npz (tested)."""
-    from twinv2.training.checkpoint import load_checkpoint, state_hash
-    from twinv2.training.samples import Vocab
+    from twinv2.artifacts import load_checkpoint, state_hash, vocab_item_ids
 
     p = Path(path)
     if not p.is_file():
@@ -139,7 +138,7 @@ def from_checkpoint(path: str | Path) -> ItemEmbedding:
     sd = {k.removeprefix("module."): v for k, v in sd.items()}           # saved from a DDP wrapper
     if "features.item.weight" not in sd:
         raise ValueError(f"{p}: no features.item.weight in the weights; expected a twinv2 model's state dict")
-    item_ids = Vocab.load(run / "vocab.npz").item_ids.astype(np.int64)
+    item_ids = vocab_item_ids(run / "vocab.npz").astype(np.int64)
     table = sd["features.item.weight"].detach().float().cpu().numpy()
     return ItemEmbedding(item_ids, table[1:len(item_ids) + 1].astype(np.float32), f"{run.name}-{state_hash(sd)}",
                          str(p))

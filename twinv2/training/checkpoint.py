@@ -7,13 +7,12 @@ weights, epochs without improvement), the per-epoch history, and the torch RNG s
 """
 from __future__ import annotations
 
-import hashlib
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from twinv2.artifacts import load_checkpoint, state_hash  # noqa: F401 - read below training (twinv2.artifacts)
 from twinv2.io import atomic_path
 
 _NAME = re.compile(r"^epoch-(\d{4})\.pt$")
@@ -55,20 +54,3 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[Path]:
     for p in old:
         p.unlink(missing_ok=True)
     return old
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:   # torn, foreign or not a torch file
-        raise ValueError(f"{path}: cannot read the checkpoint ({e}); expected a file written by `twinv2 train`") \
-            from None
-
-
-def state_hash(state_dict: dict) -> str:
-    """A short content hash of a state dict (for the item-embedding version)."""
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
