@@ -152,15 +152,30 @@ class TwinAttention(nn.Module):
                        target: dict | None = None) -> torch.Tensor:
         """GSU then ESU for ONE user's sequence broadcast over B candidates (serving, no gradient) -> (B, H*dk).
 
-        The L rows are projected once (keys, cross scalars and values), alpha' (B, L, H) is computed once;
-        the GSU takes the top k of its head-mean and the ESU gathers alpha' and the values of those k rows
-        instead of re-projecting B*k gathered behaviours. Same result as gsu() + gather_seq() + attend()
+        The L rows are projected once (keys, cross scalars and values); the GSU's head-mean of alpha' is one
+        (B, H*dk) x (H*dk, L) matmul plus a per-row constant, alpha' itself is computed for the k retrieved rows
+        only, and the ESU gathers their values instead of re-projecting B*k gathered behaviours (with
+        target_match terms, which depend on the candidate, alpha' (B, L, H) is computed in full). Same result as gsu() + gather_seq() + attend()
         (tests/models check it), which re-projects because in training the ESU must carry gradients."""
         kp, cs, v = self.project(seq, features)                                # (B, L, H, dk) stride-0 views
-        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"], self.target_match(seq, target))  # (B, L, H)
-        g = a.mean(-1).masked_fill(~seq["mask"], float("-inf"))                # (B, L)
-        idx = torch.topk(g, min(k, g.shape[1]), dim=1).indices                 # (B, k)
-        a_top = torch.gather(a, 1, idx.unsqueeze(-1).expand(-1, -1, a.shape[2]))   # (B, k, H)
+        qp = self.query(q_kh)                                                  # (B, H, dk)
+        if target is not None and self.match_fields:                          # per-candidate match terms
+            a = self.scores(qp, kp, cs, seq["log_n"], self.target_match(seq, target))  # (B, L, H)
+            g = a.mean(-1).masked_fill(~seq["mask"], float("-inf"))            # (B, L)
+            idx = torch.topk(g, min(k, g.shape[1]), dim=1).indices             # (B, k)
+            a_top = torch.gather(a, 1, idx.unsqueeze(-1).expand(-1, -1, a.shape[2]))   # (B, k, H)
+        else:
+            # the GSU's head-mean of alpha' as ONE matmul over the L rows (no (B, L, H) tensor):
+            # mean_h alpha'_lh = (K_l . q) / (H sqrt(d_k)) + mean_h (K_c,l w) beta_h [+ ln n_l]
+            k0, c0, m0 = kp[0].reshape(kp.shape[1], -1), cs[0].float(), seq["mask"][0]
+            row = c0 @ self.beta.float().T                                     # (L, H) cross part of alpha'
+            if self.use_log_n:
+                row = row + seq["log_n"][0].float().unsqueeze(-1)
+            g = (qp.reshape(qp.shape[0], -1) @ k0.T).float() / (self.H * math.sqrt(self.dk))   # (B, L)
+            g = (g + row.mean(-1)).masked_fill(~m0, float("-inf"))
+            idx = torch.topk(g, min(k, g.shape[1]), dim=1).indices             # (B, k)
+            # alpha' of the k retrieved rows only
+            a_top = torch.einsum("bkhd,bhd->bkh", kp[0][idx], qp).float() / math.sqrt(self.dk) + row[idx]
         m_top = seq["mask"][0][idx]                                            # (B, k)
         v_top = v[0][idx]                                                      # (B, k, H, dk)
         return self.pool(a_top, m_top, v_top)
@@ -182,7 +197,10 @@ class TwinAttention(nn.Module):
         behaviours that match the target (each cluster counted n times), the quantity the softmax divides
         out; softplus keeps it >= 0 and smooth, and an all-padding row gives exactly 0."""
         w = masked_softmax(a, mask.unsqueeze(-1), dim=1)                       # (B, L, H)
-        out = torch.einsum("blh,blhd->bhd", w.to(v.dtype), v)                  # (B, H, dk)
+        if v.shape[0] > 1 and v.stride(0) == 0:                                # one user's values, broadcast
+            out = torch.einsum("blh,lhd->bhd", w.to(v.dtype), v[0])            # (B, H, dk), v not copied
+        else:
+            out = torch.einsum("blh,blhd->bhd", w.to(v.dtype), v)              # (B, H, dk)
         out = out.reshape(out.shape[0], self.H * self.dk)
         if not self.mass:
             return out
