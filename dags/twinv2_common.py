@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from airflow.sdk import Asset, Param, get_current_context
+from airflow.sdk import Asset, CronTriggerTimetable, Param, get_current_context
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS: dict[str, Any] = yaml.safe_load((REPO / "params.yaml").read_text()) or {}
@@ -25,6 +25,18 @@ DEFAULT_ARGS = {
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=10),
 }
+
+
+
+def cron(expression: str) -> CronTriggerTimetable:
+    """A cron timetable (UTC) whose first scheduled run is the next cron time after the DAG is unpaused, never
+    one already past, so that unpausing from the trigger form makes no scheduled run beside the triggered one.
+    Airflow 3.3 with catchup=False schedules the latest past cron time at once when the DAG has a start_date
+    (restriction.earliest), and without one when the last cron time is within run_immediately of now
+    (False acts like None there: 10% of the period). So the DAGs have no start_date and run_immediately is 0
+    (the first run waits for the next cron time; DagModel.next_dagrun is recomputed at every parse)."""
+    return CronTriggerTimetable(expression, timezone="UTC", run_immediately=timedelta(0))
+
 
 # Assets: the weekly re-clustering publishes a cluster version, the daily DAG consumes it (it is scheduled
 # daily *or* when a new version is published, AssetOrTimeSchedule); register updates the champion model,

@@ -19,22 +19,22 @@ Parameters of the trigger form default to params.yaml. This file stays thin: no 
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, get_current_context, task
+from airflow.sdk import AssetOrTimeSchedule, dag, get_current_context, task
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the DAG folder is not on sys.path in every parser
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import twinv2_common as common  # noqa: E402
 
 PARAMS = common.params(data_doc="raw/", models=True, training=True, overrides_example='{"model.topk": 20}')
-# daily at midnight UTC, and as soon as the weekly re-clustering publishes a new cluster version
-SCHEDULE = AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 0 * * *", timezone="UTC"),
-                               assets=common.CLUSTER_VERSION)
+# daily at midnight UTC (the first time after unpausing: no run for a past midnight, common.cron), and as soon
+# as the weekly re-clustering publishes a new cluster version
+SCHEDULE = AssetOrTimeSchedule(timetable=common.cron("0 0 * * *"), assets=common.CLUSTER_VERSION)
 
 
-@dag(dag_id="twinv2_daily", schedule=SCHEDULE, start_date=datetime(2026, 1, 1), catchup=False,
+@dag(dag_id="twinv2_daily", schedule=SCHEDULE, catchup=False,
      max_active_runs=1, default_args=common.DEFAULT_ARGS, params=PARAMS, doc_md=__doc__, tags=["twinv2"],
      dagrun_timeout=timedelta(hours=6))
 def twinv2_daily():

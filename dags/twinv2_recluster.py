@@ -14,7 +14,7 @@ incremental clustering then continues from this version.
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from airflow.sdk import dag, task
@@ -27,7 +27,8 @@ PARAMS = common.params(data_doc="validated/", models=False, training=False,
                        overrides_example='{"cluster.gamma": 30}')
 
 
-@dag(dag_id="twinv2_recluster", schedule="@weekly", start_date=datetime(2026, 1, 1), catchup=False,
+# weekly, Sunday 00:00 UTC (the first time after unpausing: no run for a past Sunday, common.cron)
+@dag(dag_id="twinv2_recluster", schedule=common.cron("0 0 * * 0"), catchup=False,
      max_active_runs=1, default_args=common.DEFAULT_ARGS, params=PARAMS, doc_md=__doc__, tags=["twinv2"],
      dagrun_timeout=timedelta(hours=12))
 def twinv2_recluster():
