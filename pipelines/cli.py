@@ -13,7 +13,7 @@ from typing import Any
 
 from twinv2.errors import EXIT_USAGE, ConfigError
 
-from pipelines.settings import MODELS, check_overrides, parse_overrides
+from pipelines.settings import MODELS, check_overrides, check_values, parse_overrides
 
 EXIT_CODES = """exit codes: 0 success | 1 validation failed | 2 bad input data | 3 usage or configuration error |
 4 unusable checkpoint/model file | 5 operating-system error (disk full, read-only output) | 70 internal error |
@@ -55,14 +55,15 @@ def load_cli_params(path: str | None, pairs: list[str]) -> dict:
         raise ConfigError(f"--params {source}: not a params file: expected a YAML mapping of sections "
                           f"(generate, validate, cluster, model, train, evaluate, ...), got "
                           f"{type(base).__name__} {str(base)[:60]!r}")
+    ref = None
     if path:                                     # the sections the repository's params.yaml has
         ref = load_params()
         missing = [k for k, v in ref.items() if isinstance(v, dict) and not isinstance(base.get(k), dict)]
         if missing:
             raise ConfigError(f"--params {path}: lacks the sections {missing} (or they are not mappings); "
                               f"expected a complete params.yaml: copy the repository's and edit it")
-    overrides = check_overrides(base, parse_overrides(pairs), source)
-    return load_params(path, overrides)
+    overrides = check_overrides(base, parse_overrides(pairs), source, reference=ref)
+    return check_values(load_params(path, overrides), f"{source} with the --set overrides" if pairs else source)
 
 
 def _common(p: argparse.ArgumentParser, sub: bool) -> None:

@@ -123,6 +123,56 @@ def test_usage_and_configuration_errors_exit_3(args, names):
     _one_paragraph(r, *names)
 
 
+@pytest.mark.parametrize("pair, names", [
+    ("train.learnig_rate=0.01", ["'learnig_rate' is not a key of train", "gbdt.learning_rate", "lr, num_workers"]),
+    ("train.epoch=3", ["'epoch' is not a key of train", "did you mean train.epochs?"]),
+    ("model.topkk=10", ["did you mean model.topk?"]),
+    ("train.epochs=0", ["train.epochs=0", "greater than or equal to 1"]),
+    ("train.lr=-0.01", ["train.lr=-0.01", "greater than 0"]),
+    ("train.batch_size=0", ["train.batch_size=0", "greater than or equal to 1"]),
+    ("train.optimizer=sgd", ["train.optimizer='sgd'", "adam"]),
+    ("cluster.exponent=1.5", ["cluster.exponent=1.5", "less than or equal to 1"]),
+    ("ingest.history_frac=0.9", ["history_frac + valid_frac + test_frac = 1.1", "< 1"]),
+])
+def test_set_refuses_unknown_keys_and_impossible_values(pair, names, monkeypatch, tmp_path, capsys):
+    """A typo of a key in a known section and a value no stage can run with are usage errors (exit 3) naming
+    the key (and the keys it may be, or the range it must be in); the stage never runs."""
+    from pipelines import validate
+
+    ran = []
+    monkeypatch.setattr(validate, "run", lambda data, params: ran.append(1) or {"summary": "ok"})
+    assert main(["validate", "--data", str(tmp_path), "--set", pair]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert not ran and err.count("\n") == 1, err
+    for n in names:
+        assert n in err, (n, err)
+
+
+def test_set_accepts_the_optional_and_free_form_keys(monkeypatch, tmp_path):
+    """Keys the stages read that params.yaml does not list (OPTIONAL_KEYS), keys inside free-form mappings
+    (generate.knobs, benchmark.variants) and keys of the repository's params.yaml missing from an older
+    --params file are accepted, and every possible value passes."""
+    from pipelines import validate
+
+    seen = {}
+    monkeypatch.setattr(validate, "run", lambda data, params: seen.update(params=params) or {"summary": "ok"})
+    ok = ["cluster.embeddings=runs/x", "train.features.pop_log2_max=12", "generate.knobs.dormant_weight=3.0",
+          "benchmark.variants.trained_emb={cluster.embeddings: runs/x}", "train.epochs=1", "train.bias_lr=null"]
+    assert main(["validate", "--data", str(tmp_path)] + [a for k in ok for a in ("--set", k)]) == 0
+    assert seen["params"]["cluster"]["embeddings"] == "runs/x"
+    assert seen["params"]["generate"]["knobs"] == {"dormant_weight": 3.0}
+    older = tmp_path / "p.yaml"                      # an older copy without train.user_bias_lr
+    older.write_text((REPO / "params.yaml").read_text().replace("  user_bias_lr: 0.01", "  # gone"))
+    assert main(["validate", "--data", str(tmp_path), "--params", str(older), "--set", "train.user_bias_lr=0.02"]) == 0
+    assert seen["params"]["train"]["user_bias_lr"] == 0.02
+
+
+def test_the_repository_params_pass_the_value_checks(params):
+    from pipelines.settings import check_values
+
+    assert check_values(params) is params
+
+
 def test_unreadable_input_exits_2(tmp_path):
     r = twinv2("validate", "--data", str(tmp_path / "nosuch"))
     assert r.returncode == EXIT_DATA, r.stderr
