@@ -94,7 +94,8 @@ def run_scheduled(data: Path, runs: Path, home: Path, conf_extra: dict | None = 
     from pipelines.services import AirflowServices
 
     allowed = [str(Path(data).resolve().parent), str(Path(runs).resolve())]
-    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "AIRFLOW__CORE__PARALLELISM": "1",  # one SQLite writer
+    # the services' task slots (one per core: both models train side by side) and queued-task timeout
+    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(),
            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",     # only this triggered run: no timetable runs
            tracking.ALLOWED_ROOTS_ENV: os.pathsep.join(filter(None, [os.environ.get(tracking.ALLOWED_ROOTS_ENV),
                                                                      *allowed])),

@@ -33,6 +33,14 @@ from typing import NamedTuple
 from twinv2.config import REPO_ROOT
 
 HOST = "127.0.0.1"
+# LocalExecutor task slots: independent tasks (the cluster shards, the models' train/evaluate) run side by side
+# on every core of the machine ([core] parallelism)
+TASK_SLOTS = max(1, os.cpu_count() or 1)
+# How long a task may wait in the executor's queue. In Airflow 3.3 this is also the lifetime of the workload
+# token a queued task starts with ([scheduler] task_queued_timeout, default 600 s): a train task queued 13.5
+# minutes behind another died with "Invalid auth token". No queued task outlives its DAG run, so it is the
+# longest dagrun_timeout of the DAGs (twinv2_benchmark: 24 h; tests/dags/test_dag_import.py checks it).
+TASK_QUEUED_TIMEOUT_S = 24 * 3600
 
 
 def free_port() -> int:
@@ -155,7 +163,8 @@ class AirflowServices:
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__PARALLELISM": str(TASK_SLOTS),
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(TASK_QUEUED_TIMEOUT_S),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__API__HOST": HOST,

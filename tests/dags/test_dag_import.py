@@ -206,3 +206,37 @@ def test_unpausing_makes_no_scheduled_run(parsed):
         run_after, now = datetime.fromisoformat(first["run_after"]), datetime.fromisoformat(first["now"])
         assert run_after > now, f"{dag_id}: unpausing it now would make a scheduled run for {run_after}"
     assert {"twinv2_daily", "twinv2_recluster"} <= {k for k, d in parsed["dags"].items() if d["first_run"]}
+
+
+def test_a_queued_task_outlives_no_token(parsed, monkeypatch):
+    """A queued task survives a long wait (issue 32, item 7): in Airflow 3.3 the workload token a queued task
+    starts with lives [scheduler] task_queued_timeout (default 600 s; a train task queued 13.5 minutes died
+    with "Invalid auth token"). The components set it to at least every DAG's dagrun_timeout, and run as many
+    tasks side by side as the machine has cores (make run no longer forces one)."""
+    import yaml
+
+    from pipelines import main_job, services
+
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("airflow").submodule_search_locations[0])   # not imported here
+    spec = yaml.safe_load((root / "config_templates" / "config.yml").read_text())
+    option = spec["scheduler"]["options"]["task_queued_timeout"]
+    assert "workload JWT token" in option["description"] and float(option["default"]) == 600.0
+    env = services.AirflowServices(home="/nonexistent", port=1, log_ports=(2, 3)).env
+    timeout = float(env["AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT"])
+    for dag_id, d in parsed["dags"].items():
+        assert d["dagrun_timeout_s"] and d["dagrun_timeout_s"] <= timeout, (dag_id, d["dagrun_timeout_s"], timeout)
+    assert int(env["AIRFLOW__CORE__PARALLELISM"]) == max(1, os.cpu_count() or 1)
+
+    seen = {}
+
+    class Capture:
+        def __init__(self, home, extra_env):
+            seen.update(extra_env)
+            raise RuntimeError("captured")
+
+    monkeypatch.setattr(services, "AirflowServices", Capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        main_job.run_scheduled(Path("data/world"), Path("runs"), Path("/nonexistent"))
+    assert "AIRFLOW__CORE__PARALLELISM" not in seen and "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT" not in seen
