@@ -27,7 +27,21 @@ from pipelines.benchmark.planning import cell_dir, label, shown_path
 METRIC_KEYS = ("auc", "gauc", "logloss", "oracle_auc", "oracle_gap", "ece")
 
 RECORD_KEYS = ("model", "variant", "seed", "key", "label", "overrides", "cluster_version", "cluster_params", "metrics",
-               "cost", "train", "curve", "how", "run_dir")
+               "valid", "cost", "train", "curve", "how", "run_dir")
+
+
+def valid_metrics(record: dict) -> dict:
+    """The valid-split metrics of a cell: those of the epoch (gbdt: the tree count) training kept, i.e. the weights
+    model.pt holds and evaluate scored on test. From the record's `valid` when it has one, else from its training
+    curve at train.best_epoch (cells recorded before `valid` existed); None where neither holds them."""
+    v = record.get("valid")
+    if isinstance(v, dict):
+        return v
+    best = (record.get("train") or {}).get("best_epoch")
+    row = next((h for h in record.get("curve") or [] if isinstance(h, dict) and h.get("epoch") == best), None)
+    if best is None or row is None:
+        return {"auc": None, "gauc": None, "epoch": best}
+    return {"auc": row.get("valid_auc"), "gauc": row.get("valid_gauc"), "epoch": best}
 
 
 
@@ -170,6 +184,8 @@ def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
     if sps is None and n_train and train_s:          # gbdt: one pass over the training samples
         epochs = 1 if cell["model"] == "gbdt" else trained.get("epochs_run")
         sps = n_train * epochs / train_s if epochs else None
+    curve = [{k: h.get(k) for k in ("epoch", "train_loss", "valid_auc", "valid_gauc")}
+             for h in trained.get("history") or [] if isinstance(h, dict)]
     record = {
         "model": cell["model"], "variant": cell["variant"], "seed": int(cell["seed"]), "key": cell["key"],
         "label": label(cell), "overrides": cell["overrides"], "cluster_version": cell.get("cluster_version"),
@@ -179,8 +195,8 @@ def _compute(data: str | Path, out: str | Path, cell: dict) -> dict:
                                               "n_train")},
         "cost": {"train_s": train_s, "samples_per_s": sps, "evaluate_s": eval_s, "peak_rss_mb": rss.mb,
                  "gsu_positions": gsu_positions(run), "macs_per_candidate": model_macs(run)},
-        "curve": [{k: h.get(k) for k in ("epoch", "train_loss", "valid_auc", "valid_gauc")}
-                  for h in trained.get("history") or [] if isinstance(h, dict)],
+        "valid": valid_metrics({"train": trained, "curve": curve}),
+        "curve": curve,
         "cluster_params": {k: params.get("cluster", {}).get(k) for k in ("gamma", "exponent", "group_edges")},
         "how": how, "run_dir": str(run), "finished_s": time.time(),
     }

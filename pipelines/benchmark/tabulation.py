@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.benchmark import cost
+from pipelines.benchmark.cells import valid_metrics
 from pipelines.benchmark.stats import mean_std, paired
 
 
@@ -32,6 +33,8 @@ def tables(records: list[dict], st: dict, models: list[str], variants: list[str]
         for k in ("auc", "gauc", "logloss", "oracle_gap"):
             row[k] = mean_std(list(_by(records, m, default, lambda r, k=k: r["metrics"].get(k)).values()))
         for k in ("auc", "gauc"):
+            row[f"valid_{k}"] = mean_std(list(_by(records, m, default, lambda r, k=k: valid_metrics(r)[k]).values()))
+        for k in ("auc", "gauc"):
             row[f"d_{k}"] = (paired(_by(records, m, default, lambda r, k=k: r["metrics"].get(k)),
                                     _by(records, ref, default, lambda r, k=k: r["metrics"].get(k)))
                              if m != ref else None)
@@ -44,6 +47,8 @@ def tables(records: list[dict], st: dict, models: list[str], variants: list[str]
                    "n": len(_by(records, m, v, lambda r: 1))}
             for k in ("auc", "gauc", "logloss", "oracle_gap"):
                 row[k] = mean_std(list(_by(records, m, v, lambda r, k=k: r["metrics"].get(k)).values()))
+            for k in ("auc", "gauc"):
+                row[f"valid_{k}"] = mean_std(list(_by(records, m, v, lambda r, k=k: valid_metrics(r)[k]).values()))
             for k in ("auc", "gauc"):
                 row[f"d_{k}"] = (paired(_by(records, m, v, lambda r, k=k: r["metrics"].get(k)),
                                         _by(records, m, default, lambda r, k=k: r["metrics"].get(k)))
@@ -85,12 +90,12 @@ def _cost(r: dict, k: str):
 
 
 def flat_metrics(t: dict, st: dict) -> dict:
-    """One level of {name: number} for `dvc metrics` / `dvc exp show`: per model the mean AUC, GAUC, logloss,
-    oracle gap and the paired AUC/GAUC difference vs the reference; per ablation variant the same."""
+    """One level of {name: number} for `dvc metrics` / `dvc exp show`: per model the mean valid AUC / GAUC (the
+    kept epoch's), the mean test AUC, GAUC, logloss, oracle gap and the paired AUC/GAUC difference vs the reference; per ablation variant the same."""
     out: dict[str, float] = {}
     for r in t["main"]:
-        for k in ("auc", "gauc", "logloss", "oracle_gap"):
-            if r[k][0] is not None:
+        for k in ("valid_auc", "valid_gauc", "auc", "gauc", "logloss", "oracle_gap"):
+            if r.get(k, (None,))[0] is not None:
                 out[f"{r['model']}.{k}"] = round(r[k][0], 6)
         for k in ("d_auc", "d_gauc"):
             if r.get(k) and r[k]["mean"] is not None:
@@ -98,8 +103,8 @@ def flat_metrics(t: dict, st: dict) -> dict:
     for r in t["ablation"]:
         if r["variant"] == st["default"]:
             continue
-        for k in ("auc", "gauc"):
-            if r[k][0] is not None:
+        for k in ("valid_auc", "valid_gauc", "auc", "gauc"):
+            if r.get(k, (None,))[0] is not None:
                 out[f"{r['model']}@{r['variant']}.{k}"] = round(r[k][0], 6)
         for k in ("d_auc", "d_gauc"):
             if r.get(k) and r[k]["mean"] is not None:

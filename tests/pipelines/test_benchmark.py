@@ -130,6 +130,10 @@ def test_results_complete(bench):
         assert c["cost"]["train_s"] > 0 and c["cost"]["samples_per_s"] > 0 and c["cost"]["evaluate_s"] > 0
         assert c["cost"]["peak_rss_mb"] > 50
         assert c["cost"]["gsu_positions"] == SMALL_MODEL["twin_window"]     # TWIN's window = TWIN-V2's max clusters
+        # valid AND test per cell: the valid metrics of the epoch training kept (what model.pt holds)
+        kept = next(h for h in c["curve"] if h["epoch"] == c["train"]["best_epoch"])
+        assert c["valid"] == {"auc": kept["valid_auc"], "gauc": kept["valid_gauc"], "epoch": c["train"]["best_epoch"]}
+        assert c["valid"]["gauc"] == c["train"]["best_valid_gauc"] and math.isfinite(c["valid"]["auc"])
         # each cell ran with its own seed and the cluster version of its variant, pinned
         cfg = json.loads((Path(c["run_dir"]) / "config.json").read_text())
         assert cfg["params"]["train"]["seed"] == c["seed"] == 0

@@ -109,3 +109,35 @@ def test_model_macs_reads_a_saved_run(tmp_path, name, monkeypatch):
 
     monkeypatch.setattr(scoring, "Vocab", FakeVocab)
     assert benchmark.model_macs(tmp_path) == benchmark.macs_per_candidate(m) > 0
+
+
+def test_cells_report_valid_and_test_side_by_side(params):
+    """Every cell's valid AUC / GAUC is that of the epoch training kept: from the record's `valid`, else (cells
+    recorded before it existed) from its curve at train.best_epoch; a cell with neither shows n/a, never a number
+    from elsewhere. The main and ablation tables print valid next to test; dvc metrics carry both."""
+    from pipelines.benchmark.cells import valid_metrics
+
+    curve = [{"epoch": 1, "valid_auc": 0.61, "valid_gauc": 0.51}, {"epoch": 2, "valid_auc": 0.63, "valid_gauc": 0.53},
+             {"epoch": 3, "valid_auc": 0.62, "valid_gauc": 0.52}]
+    new = {**_record("twinv2", 0, 1), "valid": {"auc": 0.65, "gauc": 0.55, "epoch": 2}}
+    old = {**_record("twinv2", 1, 1), "train": {"epochs_run": 3, "best_epoch": 2}, "curve": curve}
+    bare = _record("twin", 0, 1)                                 # neither: n/a
+    assert valid_metrics(new)["auc"] == 0.65
+    assert valid_metrics(old) == {"auc": 0.63, "gauc": 0.53, "epoch": 2}     # the kept epoch, not the last
+    assert valid_metrics(bare)["auc"] is None
+    st = benchmark.settings(params)
+    t = benchmark.tables([new, old, bare], st, ["twinv2", "twin"], ["default"])
+    main = {r["model"]: r for r in t["main"]}
+    assert main["twinv2"]["valid_auc"][0] == pytest.approx(0.64) and main["twinv2"]["auc"][0] == pytest.approx(0.7)
+    assert main["twin"]["valid_auc"] == (None, None)
+    assert t["ablation"][0]["valid_gauc"][0] == pytest.approx(0.54)
+    meta = {"command": "twinv2 benchmark", "git_commit": "abc", "date": "now", "data": "d", "n_cells": 3,
+            "models": ["twinv2", "twin"], "variants": ["default"], "seeds": [0, 1]}
+    md = benchmark.markdown(t, st, meta, [])
+    main_md, abl_md = md.split("## 1.")[1].split("## 2.")
+    assert "| model | seeds | valid AUC | valid GAUC | AUC | GAUC |" in main_md
+    row = {line.split("|")[1].strip(): line for line in main_md.splitlines() if line.startswith("| tw")}
+    assert row["twinv2"].split("|")[3].strip().startswith("0.6400") and row["twin"].split("|")[3].strip() == "n/a"
+    assert "| valid AUC | valid GAUC | AUC | GAUC |" in abl_md.split("## 3.")[0]
+    flat = benchmark.flat_metrics(t, st)
+    assert flat["twinv2.valid_auc"] == pytest.approx(0.64) and "twin.valid_auc" not in flat and "twin.auc" in flat
