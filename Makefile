@@ -31,11 +31,22 @@ test-fast: setup
 bench: setup
 	for b in generate ingest validate cluster models learn_presence; do $(BIN)/python -m bench.bench_$$b || exit 1; done
 
+bench-gpu:                  # issue 29: bench_train (+ bench_score) on CUDA when present, one JSON; < 8 min on one GPU
+	bash bench/bench_gpu.sh
+
 airflow: setup
 	$(BIN)/python -m pipelines.services airflow
 
 mlflow: setup
 	$(BIN)/python -m pipelines.services mlflow
+
+# The champion over HTTP on 127.0.0.1:$(SERVE_PORT): `mlflow models serve` needs the venv's uvicorn on PATH
+# (else "uvicorn: not found"), hence the venv's bin first. Store: $MLFLOW_TRACKING_URI, else mlflow/mlflow.db.
+SERVE_PORT ?= 5001
+.PHONY: serve
+serve: setup
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow/mlflow.db}" \
+	  $(BIN)/mlflow models serve -m models:/twinv2@champion --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 .PHONY: airflow-celery airflow-celery-stop
 # The CeleryExecutor set-up (pipelines/celery_services.py, README "From make run to Celery workers"): Redis and

@@ -156,10 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     reg = json.loads((run_root / "register.json").read_text()) if (run_root / "register.json").exists() else None
     if reg:
         print(f"\n{reg.get('summary', '')}")
+    from pipelines.services import mlflow_experiment_url
+
+    exp = tracking.client().get_experiment_by_name(tracking.EXPERIMENT)
     print(f"""
 Open the UIs:
   Airflow: make airflow   -> http://127.0.0.1:8080 (user admin, password printed at start); DAG twinv2_daily
-  MLflow:  make mlflow    -> http://127.0.0.1:5000, experiment 'twinv2': tick the evaluate runs of
+  MLflow:  make mlflow    -> {mlflow_experiment_url("http://127.0.0.1:5000", exp.experiment_id if exp else None)}
+           (experiment 'twinv2' on its runs, not the GenAI overview): tick the evaluate runs of
            twinv2 and twin and press Compare; model registry 'twinv2' shows the champion/challenger aliases.
 Run directories: {run_root}""")
     return 0

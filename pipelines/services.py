@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
@@ -69,6 +70,27 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
             last = e
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s (last error: {last})")
+
+
+# MLflow 3.17's UI ignores the experiment's mlflow.experimentKind tag: an experiment page opens on the GenAI
+# overview unless the URL says workflowType=machine_learning (else the browser's stored choice, GenAI when new).
+ML_WORKFLOW = "workflowType=machine_learning"
+
+
+def mlflow_experiment_url(base: str, experiment_id: str | None) -> str:
+    """The MLflow UI link that opens experiment EXPERIMENT_ID on its runs in a fresh browser (the experiment
+    list when there is none yet)."""
+    page = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{base.rstrip('/')}/#/{page}?{ML_WORKFLOW}"
+
+
+def _mlflow_experiment_id(url: str, name: str = "twinv2") -> str | None:
+    try:
+        q = urllib.parse.urlencode({"experiment_name": name})
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?{q}", timeout=10) as r:
+            return json.loads(r.read())["experiment"]["experiment_id"]
+    except (urllib.error.URLError, OSError, KeyError, ValueError):
+        return None
 
 
 def _stop(procs: list[subprocess.Popen], grace: float = 15) -> None:
@@ -340,7 +362,9 @@ def _serve(kind: str, port: int | None, root: str | None = None) -> int:
         if kind == "mlflow":
             srv = MlflowServer(root=root or REPO_ROOT / "mlflow", port=port or 5000)
             srv.start()
-            print(f"MLflow UI: {srv.url}  (backend sqlite:///{srv.root}/mlflow.db, artifacts {srv.root}/artifacts; "
+            print(f"MLflow UI: {mlflow_experiment_url(srv.url, _mlflow_experiment_id(srv.url))}\n"
+                  "  (experiment twinv2 on its runs; the sidebar's GenAI / Machine learning switch is per browser)\n"
+                  f"  (backend sqlite:///{srv.root}/mlflow.db, artifacts {srv.root}/artifacts; "
                   f"log {srv.log})\nPoint the pipeline at it with: export MLFLOW_TRACKING_URI={srv.url}\n"
                   "Ctrl-C stops it.", flush=True)
         else:
@@ -351,7 +375,8 @@ def _serve(kind: str, port: int | None, root: str | None = None) -> int:
             pw = srv.password()
             print(f"Airflow UI: {srv.url}  user: admin  password: {pw}\n(generated on first start, kept in "
                   f"{srv.home}/simple_auth_manager_passwords.json.generated; logs in {srv.home}/*.log)\n"
-                  "DAGs: twinv2_daily, twinv2_recluster (paused at creation: unpause or trigger them in the UI).\n"
+                  "DAGs: twinv2_daily, twinv2_recluster, twinv2_benchmark (paused at creation: unpause or trigger them in "
+                  "the UI).\n"
                   "Ctrl-C stops all components.", flush=True)
         while True:
             procs = [srv.proc] if kind == "mlflow" else list(srv.procs.values())
