@@ -138,3 +138,65 @@ def test_dvc_repro_experiment_show_and_remote(tmp_path):
     assert _md5s(clone / "data" / "world" / "raw") == before
     assert hashlib.md5((clone / "runs" / "dvc" / "twinv2" / "model.pt").read_bytes()).hexdigest() == model_before
     assert "up to date" in _sh([*dvc, "status", "dvc.yaml"], clone).lower()
+
+
+STALE_LOCK = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "dvc.lock / dvc_metrics/ predate params.yaml's model.* bias/feedback keys and train.user_bias_lr and the "
+    "generator's current output (raw 9dd95fcd...dir today, ac74fca9...dir locked): issue 32 item 8 stays open "
+    "until `dvc repro` on the default world is rerun and committed; strict, so the regenerated lock turns "
+    "this marker into a failure to remove"))
+
+
+def _stage_params(dvc_yaml: dict) -> dict[str, list[str]]:
+    """{stage name as dvc.lock writes it (foreach: 'train@twinv2'): its params.yaml sections}."""
+    out = {}
+    for name, st in dvc_yaml["stages"].items():
+        if "foreach" in st:
+            for item in st["foreach"]:
+                out[f"{name}@{item}"] = list(st["do"].get("params") or [])
+        else:
+            out[name] = list(st.get("params") or [])
+    return out
+
+
+@STALE_LOCK
+def test_dvc_lock_is_current_with_params_yaml():
+    """dvc.lock current by construction (issue 32, item 8): every stage of dvc.yaml is locked with exactly the
+    params.yaml sections it reads as they are now, and the generate command the lock ran is today's (so
+    `dvc status` in a fresh clone flags no stage for its params). Regenerate with `dvc repro` (the default world;
+    commit dvc.lock and dvc_metrics/) after changing params.yaml."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stages = _stage_params(yaml.safe_load((REPO / "dvc.yaml").read_text()))
+    assert set(lock) == set(stages), (sorted(set(stages) ^ set(lock)))
+    stale = {}
+    for name, sections in stages.items():
+        recorded = lock[name].get("params", {}).get("params.yaml", {})
+        for sec in sections:
+            if recorded.get(sec) != params[sec]:
+                have, want = recorded.get(sec) or {}, params[sec]
+                stale[f"{name}:{sec}"] = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    assert not stale, f"dvc.lock is stale (run `dvc repro` and commit dvc.lock + dvc_metrics/): {stale}"
+    g = params["generate"]
+    assert lock["generate"]["cmd"] == f"twinv2 generate --preset {g['preset']} --seed {g['seed']} --out data/world"
+
+
+@pytest.mark.slow
+@STALE_LOCK
+def test_dvc_lock_raw_hash_is_what_the_generator_makes_now(tmp_path):
+    """The raw-data hash dvc.lock records is the DVC hash of what `twinv2 generate` produces today with
+    params.yaml's generate section (the same md5-of-the-.dir-listing the MLflow dataset digest uses,
+    pipelines.tracking.data_hash), and the metrics DVC shows are the ones the locked evaluate wrote."""
+    from pipelines import generate, tracking
+    from twinv2.config import load_params
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    p = load_params()
+    generate.run(preset=p["generate"]["preset"], out=tmp_path / "world", seed=p["generate"]["seed"], params=p)
+    raw = next(o for o in lock["generate"]["outs"] if o["path"] == "data/world/raw")
+    assert tracking.data_hash(tmp_path / "world", "raw") == raw["md5"], "regenerate dvc.lock with `dvc repro`"
+    assert next(d for d in lock["validate"]["deps"] if d["path"] == "data/world/raw")["md5"] == raw["md5"]
+    for model in ("twinv2", "twin"):
+        m = REPO / "dvc_metrics" / model / "metrics.json"
+        out = next(o for o in lock[f"evaluate@{model}"]["outs"] if o["path"] == f"dvc_metrics/{model}/metrics.json")
+        assert hashlib.md5(m.read_bytes()).hexdigest() == out["md5"], f"{m} is not what the locked evaluate wrote"
