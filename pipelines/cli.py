@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
               "version. Resumable and idempotent: a finished cell (OUT/cells/<model>/<variant>/seed<S>/cell.json) "
               "is not recomputed, a killed one resumes from its checkpoints. Writes OUT/results.json, "
               "OUT/results.md (main, ablations, user groups, diversity, cost) and OUT/plots/*.png.")
-    b.add_argument("--data", required=True, metavar="DIR",
-                   help="dataset directory holding validated/ (required; clusters are built as needed)")
+    b.add_argument("--data", default=None, metavar="DIR",
+                   help="dataset directory holding validated/ (required unless --rerender; clusters are built as "
+                        "needed)")
     b.add_argument("--out", required=True, metavar="OUT", help="benchmark directory to write (required)")
     b.add_argument("--models", default=None, metavar="M1,M2",
                    help="comma-separated models, some of: " + ", ".join(MODELS) +
@@ -180,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the cells of an earlier report (its results.json, e.g. docs/results_files/results.json) "
                         "whose key (model, params, cluster version over the same data) equals a planned cell's as done, "
                         "so that a report grows by new cells without recomputing the published ones (default: off)")
+    b.add_argument("--rerender", default=None, metavar="RESULTS_JSON",
+                   help="write the report (and --publish it) from the stored cells of an earlier results.json with "
+                        "today's report code, computing nothing and reading no data (no --data needed; pass the "
+                        "same --set as the original command) (default: off)")
     for s in (g, i, v, c, t, e, r, b):
         _common(s, sub=True)
     return p
@@ -209,6 +214,10 @@ def _dispatch(args: argparse.Namespace, params: dict) -> Any:
     if args.cmd == "benchmark":
         from pipelines import benchmark
         command = "twinv2 " + benchmark.shown_command(getattr(args, "argv", None) or sys.argv[1:])
+        if args.rerender:
+            return benchmark.rerender(args.rerender, args.out, params, command=command, publish_to=args.publish)
+        if not args.data:
+            raise ConfigError("twinv2 benchmark: --data DIR is required (unless --rerender RESULTS_JSON)")
         return benchmark.run(data=args.data, out=args.out, params=params, models=args.models, seeds=args.seeds,
                              variants=args.variants, command=command,
                              only=args.cell, publish_to=args.publish, adopt_from=args.adopt)

@@ -16,7 +16,7 @@ One idea a module (each imports only those above it in this list):
     figures     the plots
     reporting   report (OUT/results.json, results.md, metrics.json, plots), markdown, publish
     matrix      run (all of it: the CLI; one MLflow parent run with a nested run per cell when tracking is on),
-                report_from_dir (the DAG's report task)
+                report_from_dir (the DAG's report task), rerender (the report of a stored results.json again)
 
 Resumable and idempotent: a cell is done when OUT/.../cell.json (written atomically, last) holds the key of
 its effective params (sha256 of model, params sections and cluster version); a done cell is never
@@ -29,7 +29,7 @@ from __future__ import annotations
 from pipelines.benchmark.cells import METRIC_KEYS, RECORD_KEYS, adopt, is_done, run_cell
 from pipelines.benchmark.cost import gsu_positions, macs_per_candidate, model_macs
 from pipelines.benchmark.figures import more_plots, plots
-from pipelines.benchmark.matrix import bench_id, build_meta, report_from_dir, run
+from pipelines.benchmark.matrix import bench_id, build_meta, report_from_dir, rerender, run
 from pipelines.benchmark.planning import (DEFAULT_VARIANT, EXECUTION_ONLY, KEY_DEFAULTS, KEY_ONLY_FOR, KEY_SECTIONS,
                                           cell_dir, cell_key, cluster_summary, clusters_of, digest, effective_params,
                                           label, load_params_from, plan, prepare, select, settings, shown_command,
@@ -42,5 +42,5 @@ __all__ = ["BEGIN", "DEFAULT_VARIANT", "END", "EXECUTION_ONLY", "KEY_DEFAULTS", 
            "METRIC_KEYS", "RECORD_KEYS", "adopt", "bench_id", "build_meta", "cell_dir", "cell_key",
            "cluster_summary", "clusters_of", "digest", "effective_params", "flat_metrics", "gsu_positions",
            "is_done", "label", "load_params_from", "macs_per_candidate", "markdown", "mean_std", "model_macs",
-           "more_plots", "paired", "plan", "plots", "prepare", "publish", "report", "report_from_dir", "run",
+           "more_plots", "paired", "plan", "plots", "prepare", "publish", "report", "report_from_dir", "rerender", "run",
            "run_cell", "select", "settings", "shown_command", "shown_path", "tables"]

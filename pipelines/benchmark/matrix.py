@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Iterable
 
 from twinv2.config import load_params
+from twinv2.errors import ConfigError
 from twinv2.io import read_json, write_json
 
 from pipelines.benchmark.cells import adopt, is_done, run_cell
 from pipelines.benchmark.planning import (cell_dir, clusters_of, digest, label, plan, prepare, select,
-                                          settings)
+                                          settings, shown_path)
 from pipelines.benchmark.reporting import publish, report
 
 
@@ -90,3 +91,37 @@ def report_from_dir(data, out: str | Path, cells: list[dict], params: dict, comm
     records = [read_json(cell_dir(out, c) / "cell.json") for c in cells]
     meta = build_meta(data, cells, command, **extra)
     return report(out, records, st, meta, clusters_of(data, cells))
+
+
+def rerender(results: str | Path, out: str | Path, params: dict | None = None, command: str | None = None,
+             publish_to: str | Path | None = None) -> dict:
+    """The report of an earlier results.json, rendered again from its stored cells by today's report code:
+    nothing is computed and no data is read (its cells, figures and cluster table are those stored; the columns
+    are today's, e.g. the valid metrics read from each cell's curve). The variants' overrides come from params
+    (pass the same --set as the original command)."""
+    results = Path(results)
+    try:
+        old = read_json(results)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--rerender {results}: cannot read it as a benchmark results.json ({e})") from e
+    if not isinstance(old, dict) or not isinstance(old.get("cells"), list) or not isinstance(old.get("meta"), dict):
+        raise ConfigError(f"--rerender {results}: no `cells` list and `meta`; expected the results.json of "
+                          f"`twinv2 benchmark`")
+    params = params or load_params()
+    st = settings(params)
+    records = old["cells"]
+    keep = ("data", "models", "variants", "seeds", "n_cells", "adopted")
+    meta = {**{k: old["meta"][k] for k in keep if k in old["meta"]},
+            **build_meta(old["meta"].get("data", "?"), [], command or "twinv2 benchmark --rerender"),
+            **{k: old["meta"][k] for k in ("models", "variants", "seeds", "n_cells") if k in old["meta"]},
+            "rerendered_from": {"from": shown_path(str(results)), "commit": old["meta"].get("git_commit"),
+                                "command": old["meta"].get("command")}}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = report(out, records, st, meta, old.get("clusters") or [])
+    if publish_to:
+        publish(out / "results.md", publish_to)
+    return {"cells": len(records), "computed": 0, "results": str(out / "results.json"),
+            "markdown": str(out / "results.md"), "tables": rep["tables"],
+            "summary": f"benchmark: the report of {len(records)} stored cells of {results} rendered again -> "
+                       f"{out / 'results.md'}"}

@@ -92,6 +92,10 @@ def markdown(t: dict, st: dict, meta: dict, clusters: list[dict]) -> str:
     for r in meta.get("records", []):
         if isinstance(r.get("adopted"), dict):
             adopted.setdefault((r["adopted"].get("from"), r["adopted"].get("commit")), []).append(r["label"])
+    rr = meta.get("rerendered_from")
+    if isinstance(rr, dict):
+        L.append("This report was rendered again from the stored cells of `%s` (nothing recomputed; that report "
+                 "was made at commit `%s` by `%s`)." % (rr.get("from"), rr.get("commit"), rr.get("command")))
     for (src, commit), labels in adopted.items():
         L.append("%d cells were adopted from `%s` (computed at commit `%s`; same cell keys: same params, cluster "
                  "versions and data): %s." % (len(labels), src, commit, ", ".join(labels)))

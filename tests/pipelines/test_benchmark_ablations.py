@@ -3,6 +3,7 @@ multiply-adds per candidate, without training anything (the end-to-end run is te
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -141,3 +142,34 @@ def test_cells_report_valid_and_test_side_by_side(params):
     assert "| valid AUC | valid GAUC | AUC | GAUC |" in abl_md.split("## 3.")[0]
     flat = benchmark.flat_metrics(t, st)
     assert flat["twinv2.valid_auc"] == pytest.approx(0.64) and "twin.valid_auc" not in flat and "twin.auc" in flat
+
+
+def test_rerender_writes_the_report_of_stored_cells_computing_nothing(params, tmp_path, monkeypatch):
+    """`twinv2 benchmark --rerender RESULTS_JSON --out OUT --publish DOC` renders the stored cells again with
+    today's report code (valid columns read from the curves), reads no data, trains nothing, and says so."""
+    from pipelines import evaluate, train
+    from pipelines.cli import main
+
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("rerender must not train"))
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: pytest.fail("rerender must not evaluate"))
+    curve = [{"epoch": 1, "valid_auc": 0.61, "valid_gauc": 0.51}, {"epoch": 2, "valid_auc": 0.63, "valid_gauc": 0.53}]
+    cells = [{**_record(m, s, 1000), "label": f"{m}/default/seed{s}", "overrides": {},
+              "train": {"epochs_run": 2, "best_epoch": 2}, "curve": curve,
+              "adopted": {"from": "docs/x.json", "commit": "abc123"}} for m in ("twinv2", "twin") for s in (0, 1)]
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps({"meta": {"command": "twinv2 benchmark --data D", "git_commit": "f00", "data": "D",
+                                        "models": ["twinv2", "twin"], "variants": ["default"], "seeds": [0, 1],
+                                        "n_cells": 4},
+                               "cells": cells, "clusters": []}))
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Results\n\nintro\n")
+    assert main(["benchmark", "--rerender", str(src), "--out", str(tmp_path / "o"), "--publish", str(doc)]) == 0
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "rendered again from the stored cells of" in md and "`f00`" in md
+    main_md = md.split("## 1.")[1].split("## 2.")[0]
+    assert "| twinv2 | 2 | 0.6300 +- 0.0000 | 0.5300 +- 0.0000 | 0.7000 +- 0.0000 |" in main_md
+    assert "4 cells were adopted from `docs/x.json` (computed at commit `abc123`" in md
+    assert doc.read_text().startswith("# Results\n\nintro\n") and "### 1. Main" in doc.read_text()
+    out = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [c["label"] for c in out["cells"]] == [c["label"] for c in cells]
+    assert main(["benchmark", "--out", str(tmp_path / "o2")]) == 3                  # no --data, no --rerender
