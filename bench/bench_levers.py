@@ -1,18 +1,23 @@
 """Ablation of the life-cycle levers (docs/results.md): train + evaluate cells of (row, model, seed) on a
-validated, clustered dataset and print the test AUC / GAUC table (mean +- std over seeds, paired difference
-against a reference model per seed).
+validated, clustered dataset and print the valid AND test AUC / GAUC table (mean +- std over seeds, paired
+difference against a reference model per seed). Choices are made on valid only (bench/choose.py: `--choose
+ROW,ROW,...` prints, per model, the candidate row with the best mean valid score; it never reads a test figure).
 
     python -m bench.bench_levers --data D [--rows paper,pop,...] [--models twinv2,twin] [--seeds 0,1,2]
                                  [--ref twin] [--ref-row ROW] [--out bench/results/bench_levers.json]
+                                 [--choose INCUMBENT,ROW,... [--choose ...]] [--criterion auc+gauc]
     python -m bench.bench_levers --data D --coverage     # how much of each cluster its top-J ids cover
 
 A row is a named set of `--set`-style overrides applied on top of params.yaml (ROWS below, cumulative in the
 order the levers were tried, so each row measures one lever alone on top of the previous one). A cell is
 exactly `twinv2 --set ... train --data D --model M --out R` then the test AUC/GAUC that `twinv2 evaluate`
-reports (pipelines.train.run + RunScorer.predict_frame on the test split). Cells are written to
+reports (pipelines.train.run + RunScorer.predict_frame on the test split: `auc`, `gauc`) and the valid AUC/GAUC
+of the epoch the run kept (its training history at best_epoch, the figures early stopping chose on: `valid_auc`,
+`valid_gauc`). Cells are written to
 OUT_DIR/<row>/<model>/s<seed>/cell.json with their params key (pipelines.benchmark.cell_key) and not recomputed
 when present (delete the folder to rerun); a present cell whose key differs from what params.yaml + the row give
-now is an error, not a silent reuse.
+now is an error, not a silent reuse; so is a present cell without valid figures (computed before they were
+stored: delete it to recompute; --report-only shows it with "-" for valid).
 """
 from __future__ import annotations
 
@@ -101,6 +106,9 @@ def cell(data: str, row: str, model: str, seed: int, out: Path) -> dict:
         if res.get("key", key) != key:      # cells written before keys were stored are read as they are
             raise ValueError(f"{path}: computed under other params (key {res['key']}, params.yaml + row {row!r} "
                              f"now give {key}); delete {path.parent} to recompute it, or use another --cells folder")
+        if "valid_auc" not in res:
+            raise ValueError(f"{path}: computed before cells stored their valid figures (issue 30: choices are made "
+                             f"on valid); delete {path.parent} to recompute it")
         if "groups" not in res and (path.parent / "run" / "model.pt").exists():   # cells written before groups
             res["groups"] = _groups(data, path.parent / "run")[1]
             write_json(path, res)
@@ -111,11 +119,22 @@ def cell(data: str, row: str, model: str, seed: int, out: Path) -> dict:
     t0 = time.perf_counter()
     rep = train.run(data, model, path.parent / "run", params)
     pred, groups = _groups(data, path.parent / "run")
+    va = valid_at_best(rep)
     res = {"row": row, "model": model, "seed": seed, "overrides": ROWS[row], "key": key,
+           "valid_auc": va["valid_auc"], "valid_gauc": va["valid_gauc"],
            "auc": auc(pred["label"], pred["prob"]), "gauc": gauc(pred["user"], pred["label"], pred["prob"])["gauc"],
            "best_epoch": rep.get("best_epoch"), "wall_s": time.perf_counter() - t0, "groups": groups}
     write_json(path, res)
     return res
+
+
+def valid_at_best(report: dict) -> dict:
+    """The valid figures of the epoch (neural) / tree count (gbdt) a run kept: its history record at best_epoch."""
+    hist = [h for h in report.get("history") or [] if h.get("epoch") == report.get("best_epoch")]
+    if len(hist) != 1:
+        raise ValueError(f"train report: no single history record at best_epoch {report.get('best_epoch')!r} "
+                         f"(epochs {[h.get('epoch') for h in report.get('history') or []]})")
+    return {"valid_auc": float(hist[0]["valid_auc"]), "valid_gauc": float(hist[0]["valid_gauc"])}
 
 
 def _groups(data: str, run: Path, n_groups: int = 4):
@@ -164,15 +183,24 @@ def group_table(cells: list[dict], ref: str) -> list[dict]:
     return out
 
 
+FIGURES = ("valid_auc", "valid_gauc", "auc", "gauc")       # valid (for choices), then test (for the report)
+
+
+def _get(c: dict, key: str) -> float:
+    v = c.get(key)
+    return float("nan") if v is None else float(v)
+
+
 def table(cells: list[dict], ref: str) -> list[dict]:
+    """Per (row, model): mean +- std over seeds of the valid and test figures, paired differences vs model ref."""
     by, series = _series(cells)
     out = []
     for (row, model), seeds in series.items():
         line = {"row": row, "model": model, "seeds": seeds}
-        for key in ("auc", "gauc"):
-            v = np.array([by[row, model, s][key] for s in seeds])
-            line[key], line[f"{key}_std"] = v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
-            d = _paired(by, row, model, ref, seeds, lambda c: c[key])
+        for key in FIGURES:
+            v = np.array([_get(by[row, model, s], key) for s in seeds])
+            line[key], line[f"{key}_std"] = float(v.mean()), float(v.std(ddof=1) if len(v) > 1 else 0.0)
+            d = _paired(by, row, model, ref, seeds, lambda c: _get(c, key))
             if d is not None:
                 line[f"d_{key}"] = d
         out.append(line)
@@ -188,9 +216,13 @@ def row_table(cells: list[dict], ref_row: str) -> list[dict]:
         if row == ref_row or not both:
             continue
         out.append({"row": row, "model": model, "ref_row": ref_row, "seeds": both,
-                    **{f"d_{k}": [float(by[row, model, s][k] - by[ref_row, model, s][k]) for s in both]
-                       for k in ("auc", "gauc")}})
+                    **{f"d_{k}": [_get(by[row, model, s], k) - _get(by[ref_row, model, s], k) for s in both]
+                       for k in FIGURES}})
     return out
+
+
+def _fmt_mean(x: dict, key: str) -> str:
+    return f"{'-':>16}" if np.isnan(x[key]) else f"{x[key]:.4f} +- {x[key + '_std']:.4f}"
 
 
 def _fmt_paired(v: list[float]) -> str:
@@ -234,6 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_levers.json"))
     ap.add_argument("--coverage", action="store_true", help="print the virtual_mix coverage table and exit")
     ap.add_argument("--report-only", action="store_true", help="tables of the finished cells only (train nothing)")
+    ap.add_argument("--choose", action="append", default=[], help="candidate rows, the incumbent first "
+                    "(repeatable): print per model the row with the best mean valid score (bench/choose.py)")
+    ap.add_argument("--criterion", default="auc+gauc", help="valid score of --choose: auc+gauc (mean), auc, gauc")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); float sums "
                     "depend on it, so a figure reproduces exactly with the thread count it was measured with")
     a = ap.parse_args(argv)
@@ -262,11 +297,11 @@ def main(argv=None) -> int:
     else:
         cells = [cell(a.data, r, m, s, Path(a.cells)) for r, m, s in todo]
     lines = table(cells, a.ref)
-    print(f"{'row':<30} {'model':<9} {'AUC':>17} {'GAUC':>17}  paired vs {a.ref} (AUC / GAUC per seed)")
+    print(f"{'row':<22} {'model':<8} {'valid AUC':>16} {'valid GAUC':>16} {'test AUC':>16} {'test GAUC':>16}  "
+          f"paired vs {a.ref} (test AUC / GAUC per seed)")
     for x in lines:
         d = _fmt_paired(x["d_auc"]) + " / " + _fmt_paired(x["d_gauc"]) if "d_auc" in x else ""
-        print(f"{x['row']:<30} {x['model']:<9} {x['auc']:.4f} +- {x['auc_std']:.4f} {x['gauc']:.4f} +- "
-              f"{x['gauc_std']:.4f}  {d}")
+        print(f"{x['row']:<22} {x['model']:<8} " + " ".join(_fmt_mean(x, k) for k in FIGURES) + f"  {d}")
     groups = group_table(cells, a.ref)
     print(f"\nby life-cycle length quartile (0 = shortest; mean over seeds; paired vs {a.ref})")
     for x in groups:
@@ -274,11 +309,25 @@ def main(argv=None) -> int:
         print(f"{x['row']:<20} {x['model']:<9} q{x['group']} (<= {x['max_len']:.0f}) {x['auc']:.4f} {x['gauc']:.4f}{d}")
     rowd = row_table(cells, a.ref_row) if a.ref_row else []
     if a.ref_row:
-        print(f"\npaired vs row {a.ref_row} (same model, per seed: AUC / GAUC)")
+        print(f"\npaired vs row {a.ref_row} (same model, per seed)")
         for x in rowd:
-            print(f"{x['row']:<30} {x['model']:<9} {_fmt_paired(x['d_auc'])} / {_fmt_paired(x['d_gauc'])}")
-    write_json(a.out, {"data": a.data, "cells": cells, "table": lines, "groups": groups, "vs_row": rowd})
-    print(json.dumps({"table": lines, "groups": groups, "vs_row": rowd}, default=float))
+            print(f"{x['row']:<22} {x['model']:<8} valid {_fmt_paired(x['d_valid_auc'])} / "
+                  f"{_fmt_paired(x['d_valid_gauc'])}   test {_fmt_paired(x['d_auc'])} / {_fmt_paired(x['d_gauc'])}")
+    choices = []
+    if a.choose:
+        from bench.choose import choose
+
+        print(f"\nchoices on valid (criterion {a.criterion}; mean over the seeds every candidate has)")
+        for group in a.choose:
+            cand = group.split(",")
+            for model in a.models.split(","):
+                c = choose(cells, cand, model, a.criterion)
+                choices.append(c)
+                scores = " | ".join(f"{r} {c['score'][r]:.4f}" for r in cand)
+                print(f"{model:<8} {scores}  -> {c['chosen']} (seeds {c['seeds']})")
+    write_json(a.out, {"data": a.data, "cells": cells, "table": lines, "groups": groups, "vs_row": rowd,
+                       "choices": choices})
+    print(json.dumps({"table": lines, "groups": groups, "vs_row": rowd, "choices": choices}, default=float))
     return 0
 
 
