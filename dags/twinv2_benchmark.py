@@ -81,7 +81,8 @@ def twinv2_benchmark():
 
         common.label(cell["label"])
         c, _ = common.ctx()
-        rec = benchmark.run_cell(info["data"], info["out"], cell, track=(c, info["parent"]))
+        with common.stdout_progress():
+            rec = benchmark.run_cell(info["data"], info["out"], cell, track=(c, info["parent"]))
         return {"label": cell["label"], "key": cell["key"], "auc": (rec.get("metrics") or {}).get("auc")}
 
     @task(doc_md="results.json, results.md and plots/ of every cell; logged on the parent run, which closes.")

@@ -7,6 +7,8 @@ dags/.airflowignore: the DAG processor does not parse it as a DAG file of its ow
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,23 @@ def label(text: str) -> None:
     get_current_context()["label"] = text  # type: ignore[index]
 
 
+@contextlib.contextmanager
+def stdout_progress():
+    """Airflow 3 logs what a task writes to stderr at ERROR level (red in the log view). The stages' progress
+    bars (tqdm) write to sys.stderr, so while a stage runs in a task, sys.stderr is the task's stdout (INFO).
+    Exceptions still fail the task and are logged by Airflow with their traceback."""
+    with contextlib.redirect_stderr(sys.stdout):
+        yield
+
+
+def run_stage(*args, **kwargs):
+    """pipelines.tracking.run_stage with the stage's progress lines on stdout (stdout_progress)."""
+    from pipelines import tracking
+
+    with stdout_progress():
+        return tracking.run_stage(*args, **kwargs)
+
+
 def start_info(extra: dict | None = None) -> dict:
     """Open (or find again) the MLflow parent run; the confined data/runs paths of this DAG run."""
     from pipelines import tracking
@@ -125,7 +144,7 @@ def shards() -> list[str]:
 
 
 def cluster_shard(info: dict, shard: str, incremental: bool, embeddings: str | None = None) -> dict:
-    from pipelines import cluster as stage, tracking
+    from pipelines import cluster as stage
 
     label(f"shard {shard}")
     c, settings = ctx()
@@ -134,14 +153,14 @@ def cluster_shard(info: dict, shard: str, incremental: bool, embeddings: str | N
     if not incremental:
         tags["embeddings"] = embeddings or "bootstrap"
         kwargs["embeddings"] = embeddings
-    rep = tracking.run_stage(c, info["parent"], "cluster", stage.run, key=shard, data=info["data"],
+    rep = run_stage(c, info["parent"], "cluster", stage.run, key=shard, data=info["data"],
                              params=settings, tags=tags, kwargs=kwargs)
     return {"shard": shard, "incremental": incremental, "version": rep["version"], "summary": rep.get("summary", "")}
 
 
 def finalize_clusters(info: dict, parts, asset: Asset | None = None) -> dict:
     """Publish the version the shard tasks built (DIR/clusters/CURRENT); its id goes on the asset event."""
-    from pipelines import cluster as stage, tracking
+    from pipelines import cluster as stage
 
     parts = list(parts)
     c, settings = ctx()
@@ -150,7 +169,7 @@ def finalize_clusters(info: dict, parts, asset: Asset | None = None) -> dict:
         raise RuntimeError(f"shard tasks built different cluster versions {sorted(versions)}: inputs changed "
                            "between shards; clear the run and retry")
     reports = Path(info["data"]) / "reports"
-    rep = tracking.run_stage(c, info["parent"], "cluster_finalize", stage.finalize, data=info["data"],
+    rep = run_stage(c, info["parent"], "cluster_finalize", stage.finalize, data=info["data"],
                              params=settings, artifacts=[reports / "cluster.json"],
                              kwargs={"data": info["data"], "version": versions.pop(), "params": settings})
     if asset is not None:

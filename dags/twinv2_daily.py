@@ -48,13 +48,13 @@ def twinv2_daily():
     def validate(info: dict) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipelines import tracking, validate as stage
+        from pipelines import validate as stage
         from twinv2.errors import ValidationFailed
 
         ctx, params = common.ctx()
         reports = Path(info["data"]) / "reports"
         try:
-            rep = tracking.run_stage(ctx, info["parent"], "validate", stage.run, data=info["data"],
+            rep = common.run_stage(ctx, info["parent"], "validate", stage.run, data=info["data"],
                                      params=params, artifacts=[reports / "validation.json",
                                                                reports / "data_docs"],
                                      kwargs={"data": info["data"], "params": params})
@@ -100,7 +100,7 @@ def twinv2_daily():
             from pipelines import multinode
 
             fn, kwargs = multinode.run_local, {**kwargs, "nodes": nodes}
-        tracking.run_stage(ctx, info["parent"], "train", fn, key=model, data=info["data"], params=params,
+        common.run_stage(ctx, info["parent"], "train", fn, key=model, data=info["data"], params=params,
                            tags={"model": model, "run_dir": out, "warm_start": warm or "none", "train_nodes": nodes},
                            bind_run=True, kwargs=kwargs)
         return {"model": model, "run": str(out)}
@@ -108,12 +108,12 @@ def twinv2_daily():
     @task(doc_md="Offline metrics of one model on the test split (same metric names for every model).",
           map_index_template="{{ label }}")
     def evaluate(info: dict, trained: dict) -> dict:
-        from pipelines import evaluate as stage, tracking
+        from pipelines import evaluate as stage
 
         common.label(trained["model"])
         ctx, params = common.ctx()
         run = Path(trained["run"])
-        rep = tracking.run_stage(ctx, info["parent"], "evaluate", stage.run, key=trained["model"],
+        rep = common.run_stage(ctx, info["parent"], "evaluate", stage.run, key=trained["model"],
                                  data=info["data"], params=params, tags={"model": trained["model"], "run_dir": run},
                                  artifacts=[run / "metrics.json", run / "plots"],
                                  bind_run=True,
@@ -132,7 +132,7 @@ def twinv2_daily():
             from airflow.sdk.exceptions import AirflowSkipException
 
             raise AirflowSkipException(f"model {name!r} was not trained in this run: nothing to register")
-        rep = tracking.run_stage(ctx, info["parent"], "register", stage.run, data=info["data"], params=params,
+        rep = common.run_stage(ctx, info["parent"], "register", stage.run, data=info["data"], params=params,
                                  kwargs={"run": runs[0]["run"], "data": info["data"], "params": params})
         tracking.close_parent(info["parent"], {e["model"]: e["run"] for e in evaluated})
         from twinv2.io import write_json
