@@ -154,7 +154,9 @@ def test_history_counts_of_the_report(tmp_path, params):
 def test_a_single_event_user_is_test_without_history(tmp_path, params):
     rows = [(1, 1, 4.0, T0), (1, 2, 4.0, T0 + 100), (2, 3, 4.0, T0 + 90), (3, 4, 2.0, T0 + 95), (3, 5, 2.0, T0 + 99)]
     src = write_movielens(tmp_path / "src", rows)
-    r = ingest.run("movielens", src, tmp_path / "o", params=per_user_params(params), progress=False)
+    p = per_user_params(params)
+    p["ingest"]["require_splits"] = ["valid", "test"]        # five events: no train impression, by design here
+    r = ingest.run("movielens", src, tmp_path / "o", params=p, progress=False)
     _, imp = tables(tmp_path / "o")
     # W = T0 + 70 s: users 1 (1 event after W), 2 (1), 3 (2 events: valid, test)
     assert list(zip(imp.user_id, imp.split)) == [(1, "test"), (2, "test"), (3, "valid"), (3, "test")]

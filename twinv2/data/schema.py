@@ -46,6 +46,30 @@ SCHEMAS = {"items": ITEMS_SCHEMA, "behaviors": BEHAVIORS_SCHEMA, "impressions": 
 SPLITS = ("train", "valid", "test")
 TABLES = ("items", "behaviors", "impressions")
 
+# The columns that make a behaviour one event: two rows with equal values in all of them are the same event
+# logged twice. Ingest writes the key of its source into meta.json (`event_key`; Taobao adds its `action`: a pv
+# and a buy of one item in one second are two events); ingest and validate both apply `repeated_events`.
+EVENT_KEY = ("user_id", "item_id", "ts")
+
+
+def event_key(meta: dict | None) -> tuple[str, ...]:
+    """The behaviour event key of a dataset: meta.json `event_key`, else (user_id, item_id, ts)."""
+    key = (meta or {}).get("event_key")
+    return tuple(key) if key else EVENT_KEY
+
+
+def repeated_events(df, key) -> "np.ndarray":
+    """The one rule for "the same event twice", used by ingest and validate: (n,) bool, True for a row whose
+    `key` columns all equal those of an earlier row (the first one stays). A row with a null in its key is
+    never a repeat (the not-null rules decide about it)."""
+    import numpy as np
+
+    key = list(key)
+    complete = df[key].notna().all(axis=1).to_numpy()
+    rep = np.zeros(len(df), dtype=bool)
+    rep[complete] = df.loc[complete, key].duplicated(keep="first").to_numpy()
+    return rep
+
 
 def conform(table: pa.Table, name: str) -> pa.Table:
     """Cast a table to the canonical dtypes of `name`, keeping extra columns after the canonical ones.

@@ -4,7 +4,7 @@ Each rule has
   - `mask(df, b)`: a vectorised numpy/pandas computation, (n,) bool, True = the row breaks the rule;
     this is what decides which rows are quarantined (fast, one pass per shard);
   - `gx(b)`: the Great Expectations expectation(s) that check the same thing on the same batch;
-  - `gx_count(df, mask)`: how many unexpected rows GX must report for that batch given our mask.
+  - `gx_count(df, mask, b)`: how many unexpected rows GX must report for that batch given our mask.
     For every rule but one this is `mask.sum()`. Duplicates differ on purpose: GX's compound
     uniqueness flags every member of a duplicated group, we keep the first and quarantine the rest,
     so GX's count is the number of rows in duplicated groups (`duplicated(keep=False)`).
@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from twinv2.data.schema import SPLITS
+from twinv2.data.schema import EVENT_KEY, SPLITS, repeated_events
 
 COMPLETION = "_completion"     # derived column added to every behaviours batch: play_ms / duration_ms
 P_TRUE_NAN = "_p_true_nan"     # derived column of every impressions batch: 1.0 where p_true is NaN (not null)
@@ -41,6 +41,7 @@ class Bounds:
     max_completion: float
     known_items: np.ndarray | None = None              # sorted accepted item ids; None = unknown (skip)
     split_edges: tuple[int, int] | None = None         # (valid_start_ms, test_start_ms)
+    event_key: tuple[str, ...] = EVENT_KEY             # what makes a behaviour one event (meta.json event_key)
 
     def ts_range(self, table: str) -> tuple[int, int]:
         """[lo, hi] (inclusive) of ts: behaviours live in the whole dataset span, impressions after history."""
@@ -54,7 +55,7 @@ class Rule:
     text: str                                                   # the reason a user reads
     mask: Callable[[pd.DataFrame, Bounds], np.ndarray]
     gx: Callable[[Bounds], list]
-    gx_count: Callable[[pd.DataFrame, np.ndarray], int] = field(default=lambda df, m: int(m.sum()))
+    gx_count: Callable[[pd.DataFrame, np.ndarray, Bounds], int] = field(default=lambda df, m, b: int(m.sum()))
     applies: Callable[[Bounds], bool] = field(default=lambda b: True)
 
 
@@ -124,26 +125,24 @@ def in_set(name: str, col: str, text: str, values: Callable[[Bounds], np.ndarray
                 applies=lambda b: values(b) is not None)
 
 
-def unique(name: str, cols: list[str], text: str) -> Rule:
-    """Rows repeating an earlier row's key (all key columns present) fail; the first one stays."""
-
-    def complete(df):
-        return df[cols].notna().all(axis=1).to_numpy()
+def unique(name: str, cols: list[str] | Callable[[Bounds], tuple[str, ...]], text: str) -> Rule:
+    """Rows repeating an earlier row's key (all key columns present) fail; the first one stays: the rule of
+    ingest too (schema.repeated_events). `cols` may depend on the dataset (the behaviours' event key)."""
+    key = cols if callable(cols) else (lambda b: tuple(cols))
 
     def mask(df, b):
-        ok = complete(df)
-        dup = np.zeros(len(df), dtype=bool)
-        dup[ok] = df.loc[ok, cols].duplicated(keep="first").to_numpy()
-        return dup
+        return repeated_events(df, key(b))
 
-    def gx_count(df, m):
-        ok = complete(df)
-        return int(df.loc[ok, cols].duplicated(keep=False).sum())
+    def gx_count(df, m, b):
+        k = list(key(b))
+        ok = df[k].notna().all(axis=1).to_numpy()
+        return int(df.loc[ok, k].duplicated(keep=False).sum())
 
     def expectations(b):
-        if len(cols) == 1:
-            return [_gx().ExpectColumnValuesToBeUnique(column=cols[0])]
-        return [_gx().ExpectCompoundColumnsToBeUnique(column_list=cols, ignore_row_if="any_value_is_missing")]
+        k = list(key(b))
+        if len(k) == 1:
+            return [_gx().ExpectColumnValuesToBeUnique(column=k[0])]
+        return [_gx().ExpectCompoundColumnsToBeUnique(column_list=k, ignore_row_if="any_value_is_missing")]
 
     return Rule(name=name, text=text, mask=mask, gx=expectations, gx_count=gx_count)
 
@@ -206,8 +205,9 @@ RULES: dict[str, list[Rule]] = {
         between("completion_capped", COMPLETION, "play_ms / duration_ms above validate.max_completion",
                 lambda b: None, lambda b: b.max_completion),
         *_ts_rules("behaviors"),
-        unique("no_duplicate", ["user_id", "item_id", "ts"],
-               "duplicate behaviour: same (user_id, item_id, ts) as an earlier row"),
+        unique("no_duplicate", lambda b: b.event_key,
+               "duplicate behaviour: same event key (meta.json event_key, by default (user_id, item_id, ts)) as "
+               "an earlier row"),
         _known_item(),
     ],
     "impressions": [

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twinv2 import progress
-from twinv2.data.schema import SPLITS, TABLES, DatasetPaths
+from twinv2.data.schema import SPLITS, TABLES, DatasetPaths, event_key
 from twinv2.data.store import BehaviorWriter, iter_user_chunks, write_table
 from twinv2.errors import ConfigError, DataError, ValidationFailed
 from twinv2.io import owner_tag, write_json
@@ -113,7 +113,7 @@ class _Checker:
         self.rep.gx["batches"] += 1
         self.rep.gx_results.append(js)
         for r in self.rules:
-            want, got = r.gx_count(df, masks[r.name]), by_rule.get(r.name, {}).get("unexpected_count")
+            want, got = r.gx_count(df, masks[r.name], self.b), by_rule.get(r.name, {}).get("unexpected_count")
             if got != want:
                 self.rep.gx["agrees"] = False
                 self.rep.gx["mismatches"].append({"batch": self.rep.gx["batches"] - 1, "rule": r.name,
@@ -126,6 +126,23 @@ class _Checker:
             self.rep.gx["agrees"] = False
             self.rep.gx["mismatches"].append({"rule": "not_empty", "gx": by_rule["not_empty"]["success"],
                                               "vectorised": len(df) > 0})
+
+
+def _splits_present(rep: TableReport, accepted: pa.Table, meta: dict) -> None:
+    """Table-level: every split holds accepted impressions (an empty train or valid split cannot train or
+    choose a model; an empty test split cannot report one)."""
+    if not len(accepted):
+        return                      # not_empty / quarantine_share say it
+    split = np.asarray(accepted.column("split").to_pylist(), dtype=object)
+    n = {s: int((split == s).sum()) for s in SPLITS}
+    required = meta.get("require_splits", list(SPLITS))     # ingest says which may be empty by design
+    empty = [s for s in SPLITS if n[s] == 0 and s in required]
+    edges = {k: meta[k] for k in ("history_end_ms", "valid_start_ms", "test_start_ms", "end_ms") if k in meta}
+    rep.check("splits_not_empty", not empty,
+              f"accepted impressions by split {n}" if not empty else
+              f"{' and '.join(empty)} {'has' if len(empty) == 1 else 'have'} no accepted impression ({n}; "
+              f"split edges of meta.json {edges}); expected impressions in train, valid and test: re-ingest with "
+              f"times that spread over the log (see reports/ingest.json) or other split fractions", by_split=n)
 
 
 def _finish(rep: TableReport, vp: dict) -> None:
@@ -210,7 +227,7 @@ def _validate(paths: DatasetPaths, vp: dict) -> dict[str, Any]:
 
     b = Bounds(history_start_ms=meta["history_start_ms"], history_end_ms=meta["history_end_ms"],
                end_ms=meta["end_ms"], now_ms=int(vp["now_ms"] or time.time() * 1000),
-               max_completion=float(vp["max_completion"]))
+               max_completion=float(vp["max_completion"]), event_key=event_key(meta))
     reps = {t: TableReport(t) for t in TABLES}
     qdir = paths.quarantine
     gx = bool(vp["gx_confirm"])
@@ -242,6 +259,8 @@ def _validate(paths: DatasetPaths, vp: dict) -> dict[str, Any]:
             rep = reps["behaviors"]
             rep.rows_in = sum(pf.metadata.num_rows for _, pf in parts)
             problems = [f"{f.name}: {p}" for f, pf in parts for p in schema_problems(pf.schema_arrow, "behaviors")]
+            problems += [f"{f.name}: column {c!r} of the event key (meta.json event_key {list(b.event_key)}) is missing"
+                         for f, pf in parts for c in b.event_key if c not in pf.schema_arrow.names]
             with QuarantineWriter(qdir / "behaviors.parquet", _quarantine_schema(parts[0][1].schema_arrow)) as qw:
                 if b.known_items is None:
                     rep.skipped["known_item"] = "items.parquet failed its schema check"
@@ -269,6 +288,7 @@ def _validate(paths: DatasetPaths, vp: dict) -> dict[str, Any]:
                                                            else "no impression has a known split and a ts")
                     accepted = _Checker(rep, b, qw, gx, True, rf)(imps)
                     write_table(out / "impressions.parquet", accepted, "impressions")
+                    _splits_present(rep, accepted, meta)
             _finish(rep, vp)
             bar.update(len(imps))
 

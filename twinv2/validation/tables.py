@@ -45,6 +45,10 @@ def read_meta(path: Path) -> dict:
     if not meta["history_start_ms"] <= meta["history_end_ms"] <= meta["end_ms"]:
         raise DataError(f"{path}: expected history_start_ms <= history_end_ms <= end_ms, got "
                         f"{[meta[k] for k in META_KEYS]}.")
+    if meta["history_start_ms"] == meta["end_ms"]:
+        raise DataError(f"{path}: the dataset spans zero time (history_start_ms = end_ms = {meta['end_ms']}): "
+                        f"every event has the same time, so there is no history / train / valid / test split; "
+                        f"expected event times spread over the log's period.")
     return meta
 
 

@@ -47,15 +47,15 @@ import pyarrow.parquet as pq
 from twinv2.data.adapters.lines import (BOM, HARD_TS_MS, INT32_MAX, INT64, KIND_RE, MAX_TEXT, NUM,  # noqa: F401
                                         Block, FileCount, LineFormat, as_int, fetch_lines, read_lines,
                                         read_small_lines, require_columns, split_header)
-from twinv2.data.adapters.publish import WORK_PREFIX, _switch_dir, clean_stale  # noqa: F401
+from twinv2.data.adapters.publish import INGEST_DIR, WORK_PREFIX, clean_stale, publish  # noqa: F401
 from twinv2.data.adapters.quarantine import LINE_BITS, QUARANTINE_SCHEMA, Quarantine, _Deferred  # noqa: F401
 from twinv2.data.adapters.timesplit import (SPLIT_MODES, TsSketch, _iso, _test_history,  # noqa: F401
                                             assign_split, assign_split_per_user, per_user_spec, split_bounds,
-                                            split_mode, ts_window)
-from twinv2.data.schema import DatasetPaths, conform
+                                            split_mode, ts_window, wrong_unit_detail)
+from twinv2.data.schema import EVENT_KEY, DatasetPaths, conform, repeated_events
 from twinv2.data.store import BehaviorWriter
-from twinv2.errors import DataError
-from twinv2.io import _fsync_dir, write_json
+from twinv2.errors import ConfigError, DataError
+from twinv2.io import write_json
 
 # ---------------------------------------------------------------- the adapter interface and driver
 
@@ -65,14 +65,18 @@ class Adapter:
 
     name = "?"
     cross: tuple[str, ...] = ()            # optional behaviour cross features it fills (schema names)
-    dup_key: tuple[str, ...] = ("user_id", "item_id", "ts")   # two event lines with this key are one event
+    dup_key: tuple[str, ...] = EVENT_KEY   # two event lines with this key are one event (meta.json event_key)
     ts_range: tuple[int, int] | None = None                  # configured plausible [lo, hi) ms, if any
+    ts_field: str = "ts"                   # the time field as the files name it, and its unit (ms per unit)
+    ts_unit_ms: int = 1
+    item_what: str = "item"                # how details name an item id ("movie id", "video_id")
 
     def __init__(self, src: Path, params: dict):
         self.src = Path(src)
         self.params = params
         self.meta: dict = {}                # extra meta.json entries
         self.notes: dict = {}               # extra report entries
+        self.item_files: list[Path] = []    # the files read_items reads (for messages)
 
     def discover(self) -> None: ...
 
@@ -100,6 +104,32 @@ class Adapter:
     def after_events(self, items: pd.DataFrame) -> pd.DataFrame:
         return items
 
+    def reject_unknown_items(self, block: Block, column: str, quarantine: Quarantine, file: Path) -> Block:
+        """Quarantine events whose item is not in the item table, with a reason that is true: the item's
+        line was quarantined (`quarantined_item`, naming that line and its reason), or no line of the item
+        file defines it (`unknown_item`; also saying how many of its quarantined lines had no readable id)."""
+        ids = block.table.column(column).to_numpy()
+        unknown = ~np.isin(ids, self.items_known)
+        if not unknown.any():
+            return block
+        names = ", ".join(p.name for p in self.item_files)
+        rejected = {i: (Path(f).name, ln, r) for f, m in quarantine.rejected_ids.items() for i, (ln, r) in m.items()}
+        no_id = [(Path(f).name, ln) for f, lines in quarantine.lines_without_id.items() for ln in lines]
+        was_rejected = unknown & np.isin(ids, np.fromiter(rejected, dtype=np.int64, count=len(rejected)))
+        block = block.reject(was_rejected, quarantine, file, "quarantined_item",
+                             [f"{self.item_what} {int(i)}: its line {rejected[int(i)][1]} of {rejected[int(i)][0]} "
+                              f"was quarantined ({rejected[int(i)][2]}), so its events are too"
+                              for i in ids[was_rejected]])
+        ids = block.table.column(column).to_numpy()
+        unknown = ~np.isin(ids, self.items_known)
+        tail = ""
+        if no_id:
+            shown = ", ".join(f"{f} line {ln}" for f, ln in no_id[:5]) + (", ..." if len(no_id) > 5 else "")
+            tail = (f" (or on one of the {len(no_id)} quarantined lines of the item file whose id could not be "
+                    f"read: {shown})")
+        return block.reject(unknown, quarantine, file, "unknown_item",
+                            [f"{self.item_what} {int(i)} is not in {names}{tail}" for i in ids[unknown]])
+
 
 def _user_ranges(counts: pd.Series, budget: int) -> list[tuple[int, int]]:
     """Cut users (sorted ids with event counts) into [lo, hi] ranges of at most `budget` events
@@ -116,68 +146,122 @@ def _user_ranges(counts: pd.Series, budget: int) -> list[tuple[int, int]]:
     return out
 
 
-
 def ingest(adapter: Adapter, out: Path, params: dict, progress: bool = False) -> dict:
-    """Run an adapter: write out/raw/{items.parquet, behaviors/, impressions.parquet, meta.json},
-    out/quarantine/ingest.parquet; return the report (the caller writes it).
+    """Run an adapter: write out/raw/{items.parquet, behaviors/, impressions.parquet, meta.json,
+    ingest/quarantine.parquet, ingest/report.json} and the links out/quarantine/ingest.parquet,
+    out/reports/ingest.json to the last two; return the report.
 
-    All-or-nothing: everything is written into DIR/.ingest-work.@<host>@<pid>@*/ first; only a run that succeeds
-    replaces DIR/raw (a rename) and then DIR/quarantine/ingest.parquet. A failed run leaves the previous
-    raw/ untouched (and its quarantine in DIR/quarantine/ingest.failed.parquet when it got that far)."""
+    All-or-nothing: everything is written into DIR/.ingest-work.@<host>@<pid>@*/ first; only a run that
+    succeeds publishes it, in one step (publish.py). A failed run leaves the previous raw/ (with its quarantine
+    and report) untouched; when it failed on bad data its quarantine is DIR/quarantine/ingest.failed.parquet
+    (named by the error); any other failure removes an older ingest.failed.parquet, which would mislead."""
     out = Path(out)
     split_mode(params)
     spec = per_user_spec(params) if split_mode(params) == "per_user" else None
-    adapter.discover()
-    out.mkdir(parents=True, exist_ok=True)
-    stale = clean_stale(out)
-    from twinv2.io import owner_tag
-
-    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{owner_tag()}", dir=out))
+    failed = DatasetPaths(out).quarantine / "ingest.failed.parquet"
+    wrote_failed = [False]
     try:
-        report = _ingest(adapter, out, work, params, spec, progress)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        adapter.discover()
+        out.mkdir(parents=True, exist_ok=True)
+        stale = clean_stale(out)
+        from twinv2.io import owner_tag
+
+        work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{owner_tag()}", dir=out))
+        try:
+            report = _ingest(adapter, out, work, params, spec, progress, wrote_failed)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        if not wrote_failed[0]:
+            failed.unlink(missing_ok=True)
+        raise
     if stale:
         report["stale_work_removed"] = stale
     return report
 
 
-def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | None, progress: bool) -> dict:
+def summary(report: dict) -> str:
+    """The one-line summary of an ingest report."""
+    r = report["rows"]
+    return (f"ingest {report['format']}: {report['lines_read']:,} lines read, {report['lines_quarantined']:,} "
+            f"quarantined {report['quarantined'] or ''}; {r['items']:,} items, {r['behaviors']:,} behaviours, "
+            f"{r['impressions']:,} impressions {r['impressions_by_split']} of {report['n_users']:,} users "
+            f"({report['split']} split; {report['test_no_history']:,} of {r['impressions_by_split']['test']:,} "
+            f"test impressions have no history) -> {report['out']}/raw")
+
+
+def required_splits(params: dict, spec: dict | None) -> set[str]:
+    """The splits that must hold impressions (params ingest.require_splits, default all three; with the
+    per-user split and `valid: 0`, valid is empty by design)."""
+    req = params.get("require_splits")
+    req = set(("train", "valid", "test") if req is None else req)
+    unknown = req - {"train", "valid", "test"}
+    if unknown:
+        raise ConfigError(f"params ingest.require_splits: unknown splits {sorted(unknown)}; expected some of "
+                          f"train, valid, test")
+    if spec is not None and spec.get("valid") == 0:
+        req.discard("valid")
+    return req
+
+
+def _no_data(files: list[Path], counts: dict[str, FileCount], what: str) -> str | None:
+    """The message for files that hold no data line at all (empty, or a header only); None if some do."""
+    fcs = [counts.get(str(f), FileCount()) for f in files]
+    if any(fc.lines for fc in fcs):
+        return None
+    shown = ", ".join(str(f) for f in files)
+    if all(fc.header for fc in fcs):
+        return f"{shown}: no data after the header; expected {what}"
+    return f"{shown}: the file is empty (no data line); expected {what}"
+
+
+def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | None, progress: bool,
+            wrote_failed: list[bool]) -> dict:
+    from twinv2 import progress as progress_bars
+
     paths = DatasetPaths(out)
     chunk_bytes = int(params.get("chunk_bytes", 32 << 20))
     budget = int(params.get("sort_budget_rows", 4_000_000))
     new_raw = work / "raw"
     spill = work / "spill"
-    new_raw.mkdir()
+    (new_raw / INGEST_DIR).mkdir(parents=True)
     spill.mkdir()
-    qpath = work / "ingest.parquet"
+    qpath = new_raw / INGEST_DIR / "quarantine.parquet"
     quarantine = Quarantine(qpath)
     counts: dict[str, FileCount] = {}
     files = [p for p, _, _ in adapter.event_files()]
+    bar = None
 
-    def no_events(why: str) -> DataError:
+    def fail(message: str) -> DataError:
+        """Bad data: this run's quarantine becomes DIR/quarantine/ingest.failed.parquet, named by the error."""
         quarantine.close()
         failed = paths.quarantine / "ingest.failed.parquet"
         failed.parent.mkdir(parents=True, exist_ok=True)
         os.replace(qpath, failed)
-        return DataError(f"{adapter.src}: no valid event line in {[str(p) for p in files]} ({why}); "
-                         f"{quarantine.total} lines quarantined by reason {dict(sorted(quarantine.by_reason.items()))} "
-                         f"(see {failed}); {paths.stage('raw')} is unchanged")
+        wrote_failed[0] = True
+        by = dict(sorted(quarantine.by_reason.items()))
+        return DataError(f"{message}. {quarantine.total} lines quarantined"
+                         + (f" by reason {by}" if by else "")
+                         + f" (see {failed}); {paths.stage('raw')} is unchanged")
 
     try:
         items = adapter.read_items(quarantine, counts)
+        if items is not None and len(items) == 0:
+            msg = _no_data(adapter.item_files, counts, f"one line per {adapter.item_what}")
+            raise fail(msg or f"{', '.join(map(str, adapter.item_files))}: no valid {adapter.item_what} line "
+                              f"(every line was quarantined), so no event could be kept")
         if items is not None:
             items = adapter.after_events(items)
         user_counts = pd.Series(dtype=np.int64)
         n_events, n_part = 0, 0
         sketch = TsSketch()
-        bar = _bar(progress, adapter.name)
+        bar = progress_bars.bar(desc=f"ingest {adapter.name}", unit=" lines", unit_scale=True,
+                                section={"progress": progress})
         for fi, (path, header, make_format) in enumerate(adapter.event_files()):
             fc = counts.setdefault(str(path), FileCount())
             for block in read_lines(path, make_format, header, quarantine, fc, chunk_bytes):
                 block, ev = adapter.to_events(block, path, quarantine)
-                if bar is not None:
-                    bar.update(len(block.lines))
+                bar.update(len(block.lines))
                 if len(ev) == 0:
                     continue
                 ev["seq"] = (np.int64(fi) << LINE_BITS) + block.lines
@@ -189,14 +273,16 @@ def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | 
                 vc = ev["user_id"].value_counts()
                 user_counts = user_counts.add(vc, fill_value=0) if len(user_counts) else vc
                 sketch.add(ev["ts"].to_numpy())
-        if bar is not None:
-            bar.close()
+        bar.close()
         if n_events == 0:
-            raise no_events("every line was quarantined")
+            msg = _no_data(files, counts, "one event per line")
+            raise fail(msg or f"{adapter.src}: no valid event line in {[str(p) for p in files]} (every line "
+                              f"was quarantined)")
 
         # the plausible time range, then the split bounds over the events inside it
         window = ts_window(adapter, params, sketch)
         lo, hi = window["lo_ms"], window["hi_ms"]
+        ulo, uhi = window.get("unit_lo_ms", HARD_TS_MS[0]), window.get("unit_hi_ms", HARD_TS_MS[1])
         spill_ds = ds.dataset(str(spill), format="parquet")
         inside = (ds.field("ts") >= lo) & (ds.field("ts") < hi)
         t0 = t1 = None
@@ -206,7 +292,12 @@ def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | 
                 a, b = mm["min"].as_py(), mm["max"].as_py()
                 t0, t1 = (a, b) if t0 is None else (min(t0, a), max(t1, b))
         if t0 is None:
-            raise no_events(f"no event time inside the plausible range: {window['detail']}")
+            raise fail(f"{adapter.src}: no valid event line in {[str(p) for p in files]} (no event time inside "
+                       f"the plausible range: {window['detail']})")
+        if t0 == t1:
+            raise fail(f"{adapter.src}: the log spans zero time: every accepted event is at {_iso(t0)} UTC "
+                       f"({t0} ms), so it cannot be split by time into history / train / valid / test; expected "
+                       f"event times spread over the log's period (is the time field a constant?)")
         bounds = split_bounds(t0, t1, params)
         W = bounds["history_end_ms"]
 
@@ -218,21 +309,28 @@ def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | 
         th = {"test_impressions": 0, "test_no_history": 0, "test_no_history_before_watermark": 0,
               "test_users": 0, "test_users_no_history": 0, "test_users_no_history_before_watermark": 0}
         labels_pos, n_kept, n_users = 0, 0, 0
-        beh_cols = ["user_id", "item_id", "ts", "play_ms", "duration_ms", *adapter.cross]
         key = list(adapter.dup_key)
+        beh_cols = ["user_id", "item_id", "ts", "play_ms", "duration_ms", *adapter.cross,
+                    *[c for c in key if c not in EVENT_KEY]]
         imp_writer = None
         with BehaviorWriter(new_raw / "behaviors") as bw:
-            for ulo, uhi in _user_ranges(user_counts.sort_index().astype(np.int64), budget):
-                t = spill_ds.to_table(filter=(ds.field("user_id") >= ulo) & (ds.field("user_id") <= uhi))
+            for ulo_u, uhi_u in _user_ranges(user_counts.sort_index().astype(np.int64), budget):
+                t = spill_ds.to_table(filter=(ds.field("user_id") >= ulo_u) & (ds.field("user_id") <= uhi_u))
                 ev = t.to_pandas().sort_values(["user_id", "ts", "seq"], kind="stable").reset_index(drop=True)
                 ts = ev["ts"].to_numpy()
-                bad = (ts < lo) | (ts >= hi)
+                unit = (ts < ulo) | (ts >= uhi)
+                if unit.any():
+                    deferred.add(ev["seq"].to_numpy()[unit], "ts_out_of_range",
+                                 [wrong_unit_detail(adapter.ts_field, adapter.ts_unit_ms, int(x), window)
+                                  for x in ts[unit]])
+                bad = ((ts < lo) | (ts >= hi)) & ~unit
                 if bad.any():
                     deferred.add(ev["seq"].to_numpy()[bad], "ts_out_of_range",
                                  [f"{x} ms ({_iso(x) if HARD_TS_MS[0] <= x < HARD_TS_MS[1] else '?'}): "
                                   f"{window['detail']}" for x in ts[bad]])
-                    ev = ev.loc[~bad].reset_index(drop=True)
-                dup = ev.duplicated(key, keep="first").to_numpy()
+                if (bad | unit).any():
+                    ev = ev.loc[~(bad | unit)].reset_index(drop=True)
+                dup = repeated_events(ev, key)          # the same rule as validate's no_duplicate
                 if dup.any():
                     first = ev.groupby(key, sort=False)["seq"].transform("first").to_numpy()[dup]
                     deferred.add(ev["seq"].to_numpy()[dup], "duplicate_event",
@@ -270,6 +368,16 @@ def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | 
             imp_writer = pq.ParquetWriter(new_raw / "impressions.parquet", IMPRESSIONS_SCHEMA)
         imp_writer.close()
         n_late = deferred.flush(quarantine, files)
+        required = required_splits(params, spec)
+        empty = [s for s, n in by_split.items() if n == 0 and s in required]
+        if empty:
+            edges = (f"history {_iso(bounds['history_start_ms'])} | train from {_iso(W)}"
+                     + (f" | valid from {_iso(bounds['valid_start_ms'])} | test from {_iso(bounds['test_start_ms'])}"
+                        if spec is None else " (then per user)") + f" .. {_iso(bounds['end_ms'])} UTC")
+            raise fail(f"{adapter.src}: the time split leaves {' and '.join(empty)} without impressions "
+                       f"(train {by_split['train']}, valid {by_split['valid']}, test {by_split['test']}; {edges}); "
+                       f"expected impressions in every split: too few events, or their times bunched at one "
+                       f"end of the log's span (check the time field and the quarantine)")
         if items is None:
             items = adapter.after_events(adapter.items_from_events())
         items_tab = conform(pa.Table.from_pandas(items.reset_index(drop=True), preserve_index=False), "items")
@@ -304,6 +412,7 @@ def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | 
             "test_history": th,
             **adapter.notes,
         }
+        report["summary"] = summary(report)
         # counts add up
         assert lines_read == accepted_lines + quarantine.total, report
         assert all(fc.lines == fc.accepted + fc.quarantined for fc in counts.values()), report
@@ -316,6 +425,7 @@ def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | 
         meta = {"source": adapter.name, **bounds, "split": mode,
                 "src": str(adapter.src),
                 "cross_features": list(adapter.cross),
+                "event_key": key, "require_splits": [s for s in by_split if s in required],
                 "ts_range_ms": [lo, hi], "ts_range_source": window["source"],
                 **adapter.meta}
         if spec is None:
@@ -330,22 +440,13 @@ def _ingest(adapter: Adapter, out: Path, work: Path, params: dict, spec: dict | 
                 "observed_ms": seen}
         write_json(new_raw / "meta.json", meta)
         quarantine.close()
-        # the switch: raw/ first (one rename), then the quarantine that goes with it
-        _switch_dir(new_raw, paths.stage("raw"), work)
-        paths.quarantine.mkdir(parents=True, exist_ok=True)
-        os.replace(qpath, paths.quarantine / "ingest.parquet")
+        write_json(new_raw / INGEST_DIR / "report.json", report)
+        # the switch: raw/ with its quarantine and report, in one step; then an older failure's quarantine goes
+        publish(new_raw, out, work)
         (paths.quarantine / "ingest.failed.parquet").unlink(missing_ok=True)
-        _fsync_dir(paths.quarantine)
     except BaseException:
+        if bar is not None:
+            bar.close()                     # the error starts on a line of its own, not after the bar
         quarantine.abort()
         raise
     return report
-
-
-def _bar(enabled: bool, name: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(desc=f"ingest {name}", unit=" lines", unit_scale=True, mininterval=1.0)
-

@@ -34,6 +34,7 @@ VIDEO_KINDS = {"video_id": "int", "author_id": "int", "video_duration": "num?", 
 class KuaiRand(Adapter):
     name = "kuairand"
     cross = ("liked",)
+    ts_field, ts_unit_ms, item_what = "time_ms", 1, "video_id"
 
     def discover(self) -> None:
         if not self.src.is_dir():
@@ -41,6 +42,7 @@ class KuaiRand(Adapter):
                                     f"video_features_basic*.csv")
         self.logs = sorted(self.src.glob("log_*.csv"))
         self.videos = sorted(self.src.glob("video_features_basic*.csv"))
+        self.item_files = self.videos
         if not self.logs:
             raise FileNotFoundError(f"{self.src}: no log_*.csv file (KuaiRand interaction logs) found")
         if not self.videos:
@@ -64,6 +66,7 @@ class KuaiRand(Adapter):
                 return LineFormat(f, names, VIDEO_KINDS, ",", quoted=True)
 
             fc = counts.setdefault(str(f), FileCount())
+            quarantine.watch(f, ",", 0)
             for block in read_lines(f, make_format, True, quarantine, fc, int(self.params.get("chunk_bytes", 32 << 20))):
                 block = block.reject_negative(["video_id", "author_id"], quarantine, f)
                 block = block.reject_int32("video_duration", block.table.column("video_duration").to_numpy(
@@ -85,6 +88,8 @@ class KuaiRand(Adapter):
                                    "video_duration": t.column("video_duration").to_numpy(zero_copy_only=False)})
                 df["file"], df["line"] = str(f), block.lines
                 frames.append(df)
+        if not frames:
+            return pd.DataFrame({"item_id": np.zeros(0, np.int64)})
         items = pd.concat(frames, ignore_index=True)
         dup = items.duplicated("item_id", keep="first").to_numpy()
         for f, rows in items.loc[dup].groupby("file"):
@@ -139,11 +144,7 @@ class KuaiRand(Adapter):
         for c in ("play_time_ms", "duration_ms"):
             block = block.reject_int32(c, block.table.column(c).to_numpy(zero_copy_only=False), quarantine, file,
                                        f"behaviors.{'play_ms' if c == 'play_time_ms' else c}")
-        t = block.table
-        vid = t.column("video_id").to_numpy()
-        unknown = ~np.isin(vid, self.items_known)
-        block = block.reject(unknown, quarantine, file, "unknown_item",
-                             [f"video_id {v} is not in {', '.join(p.name for p in self.videos)}" for v in vid[unknown]])
+        block = self.reject_unknown_items(block, "video_id", quarantine, file)
         t = block.table
 
         def col(name, fill=np.nan):

@@ -37,6 +37,42 @@ INT32_MAX = 2**31 - 1
 HARD_TS_MS = (0, 4_102_444_800_000)
 
 
+def plain(x) -> str:
+    """A number as a user reads it: 1649412013, 3.5, 1e+30 (never a numpy repr such as np.float64(...))."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if v.is_integer() and abs(v) < 1e18:
+        return str(int(v))
+    return repr(v)
+
+
+def shorten(text: str, n: int = 200) -> str:
+    """Cut a text shown in a message (e.g. a header that holds a whole file) to n characters."""
+    return text if len(text) <= n else text[:n] + f"... ({len(text):,} characters)"
+
+
+def undecodable(text: str) -> bool:
+    """Whether text decoded with errors="surrogateescape" held bytes that were not of its encoding."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def cr_only(first: bytes) -> bool:
+    """Whether the first line read from a file (up to its first LF) holds CR line breaks and no LF: a file
+    with classic Mac OS line endings, which reads as one line."""
+    return bool(first) and not first.endswith(b"\n") and b"\r" in first.rstrip(b"\r")
+
+
+def cr_only_error(path: Path, header: bool) -> DataError:
+    what = "no data after the header: " if header else ""
+    return DataError(f"{path}: {what}the file's lines end in CR alone (\\r, classic Mac OS line endings) and it "
+                     f"holds no LF (\\n), so all of it reads as one line; expected lines ending in \\n or "
+                     f"\\r\\n (convert it, e.g. `tr '\\r' '\\n'`)")
+
+
 @dataclass
 class LineFormat:
     """The grammar of one delimited file: column names in file order and the kind of each.
@@ -51,6 +87,10 @@ class LineFormat:
     kinds: dict[str, str | tuple[str, ...]]
     delimiter: str = ","
     quoted: bool = False
+    labels: dict[str, str] | None = None     # name used here -> the column's name in the file (its header)
+
+    def label(self, name: str) -> str:
+        return (self.labels or {}).get(name, name)
 
     def regex(self) -> str:
         d = re.escape(self.delimiter)
@@ -78,9 +118,9 @@ class LineFormat:
     def diagnose(self, raw: bytes) -> tuple[str, str]:
         """(reason, detail) of a line that failed the grammar."""
         try:
-            text = raw.decode("utf-8")
+            text, enc = raw.decode("utf-8"), None
         except UnicodeDecodeError as e:
-            return "bad_encoding", f"not UTF-8 text ({e.reason} at byte {e.start})"
+            text, enc = raw.decode("utf-8", errors="surrogateescape"), f"{e.reason} at byte {e.start}"
         text = text.rstrip("\r\n")
         if not text.strip():
             return "empty_line", "empty line"
@@ -89,10 +129,17 @@ class LineFormat:
         else:
             fields = text.split(self.delimiter)
         if len(fields) != len(self.names):
+            if enc is not None:
+                return "bad_encoding", f"not UTF-8 text ({enc})"
             return "field_count", (f"expected {len(self.names)} fields separated by {self.delimiter!r} "
-                                   f"({', '.join(self.names)}), got {len(fields)}")
+                                   f"({', '.join(self.label(n) for n in self.names)}), got {len(fields)}")
+        if enc is not None:     # a byte that is not UTF-8 in a field that is read; in an unused field it is fine
+            bad = [n for n, v in zip(self.names, fields) if n in self.kinds and undecodable(v)]
+            if bad:
+                return "bad_encoding", f"field {self.label(bad[0])!r} is not UTF-8 text ({enc})"
         for name, value in zip(self.names, fields):
             k = self.kinds.get(name)
+            name = self.label(name)
             if k == "ids?":
                 if value and not re.fullmatch(r"-?\d+(?:,-?\d+)*", value):
                     return "not_numeric", f"field {name!r}: expected comma-separated integer ids, got {value[:80]!r}"
@@ -147,6 +194,8 @@ def _arrow_type(kind) -> pa.DataType:
 
 
 def split_header(raw: bytes, path: Path, delimiter: str) -> list[str]:
+    if cr_only(raw):
+        raise cr_only_error(path, True)
     try:
         text = raw.decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError:
@@ -157,7 +206,7 @@ def split_header(raw: bytes, path: Path, delimiter: str) -> list[str]:
 def require_columns(path: Path, names: Sequence[str], required: Sequence[str]) -> None:
     missing = [c for c in required if c not in names]
     if missing:
-        raise DataError(f"{path}: header lacks columns {missing}; found {list(names)}, "
+        raise DataError(f"{path}: header lacks columns {missing}; found {shorten(repr(list(names)))}, "
                         f"expected at least {list(required)}")
 
 
@@ -169,6 +218,10 @@ class Block:
     table: pa.Table
     raw: pa.BinaryArray
     lines: np.ndarray
+    labels: dict[str, str] | None = None     # column name here -> its name in the file (for details)
+
+    def label(self, name: str) -> str:
+        return (self.labels or {}).get(name, name)
 
     def reject(self, mask: np.ndarray, quarantine: Quarantine, file: Path, reason: str, details) -> "Block":
         """Quarantine the rows in mask (details: one string or one per rejected row); keep the rest."""
@@ -177,7 +230,7 @@ class Block:
             return self
         quarantine.add_many(file, self.lines[mask], self.raw.filter(pa.array(mask)), reason, details)
         keep = pa.array(~mask)
-        return Block(self.table.filter(keep), self.raw.filter(keep), self.lines[~mask])
+        return Block(self.table.filter(keep), self.raw.filter(keep), self.lines[~mask], self.labels)
 
 
     def reject_negative(self, columns: Sequence[str], quarantine: Quarantine, file: Path) -> "Block":
@@ -188,7 +241,7 @@ class Block:
             bad = v < 0
             if bad.any():
                 b = b.reject(bad, quarantine, file, "negative_id",
-                             [f"field {c!r}: {x} is negative; ids must be >= 0" for x in v[bad]])
+                             [f"field {self.label(c)!r}: {plain(x)} is negative; ids must be >= 0" for x in v[bad]])
         return b
 
     def reject_int32(self, column: str, values: np.ndarray, quarantine: Quarantine, file: Path,
@@ -201,7 +254,7 @@ class Block:
         if not bad.any():
             return self
         return self.reject(bad, quarantine, file, "overflow",
-                           [f"field {column!r}: {x:.0f} does not fit the 32-bit {target} (at most {INT32_MAX})"
+                           [f"field {self.label(column)!r}: {x:.0f} does not fit the 32-bit {target} (at most {INT32_MAX})"
                             for x in v[bad]])
 
     def reject_bad_ts(self, column: str, ms: np.ndarray, quarantine: Quarantine, file: Path,
@@ -215,7 +268,7 @@ class Block:
             return self
         raw = self.table.column(column).to_numpy(zero_copy_only=False)[bad]
         return self.reject(bad, quarantine, file, "ts_out_of_range",
-                           [f"field {column!r}: {x!r} ({unit}) is not a time in [1970-01-01, 2100-01-01), the "
+                           [f"field {self.label(column)!r}: {plain(x)} ({unit}) is not a time in [1970-01-01, 2100-01-01), the "
                             f"hard range of any log" for x in raw])
 
 
@@ -232,16 +285,20 @@ def read_lines(path: Path, make_format: Callable[[bytes | None], LineFormat], he
     """Stream a delimited file in blocks of whole lines, quarantining lines that break the grammar."""
     with open(path, "rb") as f:
         lineno = 0
-        first = f.readline() if header else None
+        first = f.readline()
+        if cr_only(first):
+            raise cr_only_error(path, header)
+        pending = [] if header or not first else [first]
         if header:
             if not first:
                 raise DataError(f"{path}: file is empty; expected a header line")
             lineno, count.header = 1, 1
-        fmt = make_format(first)
+        fmt = make_format(first if header else None)
         pattern = fmt.regex()
         first_block = not header
         while True:
-            lines = f.readlines(chunk_bytes)
+            lines = pending + f.readlines(chunk_bytes)
+            pending = []
             if not lines:
                 break
             if first_block and lines[0].startswith(BOM):     # a byte-order mark is not part of the first line
@@ -258,25 +315,25 @@ def read_lines(path: Path, make_format: Callable[[bytes | None], LineFormat], he
                 quarantine.add(path, nums[i], lines[i], reason, detail)
             del lines
             good = arr.filter(pa.array(ok)) if not ok.all() else arr
-            yield Block(fmt.parse(good), good, nums[ok])
+            yield Block(fmt.parse(good), good, nums[ok], fmt.labels)
 
 
 def read_small_lines(path: Path, encoding: str, quarantine: Quarantine, count: FileCount,
                      header: bool) -> Iterator[tuple[int, str]]:
-    """Lines of a small side file (items), decoded; undecodable lines are quarantined."""
+    """Lines of a small side file (items), decoded. A byte that is not of the encoding does not reject the
+    line here: it is decoded with errors="surrogateescape" (`undecodable` tells), and the caller quarantines
+    the line only when such a byte is in a field it reads (a title is not read)."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
+            if i == 1 and cr_only(raw):
+                raise cr_only_error(path, header)
             if i == 1 and raw.startswith(BOM):          # a UTF-8 byte-order mark is not part of the line
                 raw = raw[len(BOM):]
             if header and i == 1:
                 count.header = 1
                 continue
             count.lines += 1
-            try:
-                text = raw.decode(encoding).rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                quarantine.add(path, i, raw, "bad_encoding", f"not {encoding} text ({e.reason})")
-                continue
+            text = raw.decode(encoding, errors="surrogateescape").rstrip("\r\n")
             if not text.strip():
                 quarantine.add(path, i, raw, "empty_line", "empty line")
                 continue

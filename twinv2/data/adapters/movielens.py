@@ -21,6 +21,7 @@ import pandas as pd
 
 from twinv2.data.adapters.common import (Adapter, Block, FileCount, LineFormat, Quarantine, as_int,
                                          read_small_lines, require_columns, split_header)
+from twinv2.data.adapters.lines import undecodable
 from twinv2.errors import DataError
 
 # 0 = no/unknown genre; 1..18 in the order of ml-100k's u.genre flags; 19 = IMAX (ml-latest only).
@@ -56,6 +57,7 @@ def genre_id(name: str) -> int:
 class MovieLens(Adapter):
     name = "movielens"
     cross = ("rating",)
+    ts_field, ts_unit_ms, item_what = "timestamp", 1000, "movie id"
 
     def discover(self) -> None:
         src = self.src
@@ -87,6 +89,7 @@ class MovieLens(Adapter):
         item_name = LAYOUTS[self.layout][1]
         self.item_file = (self.ratings.with_suffix(item_name) if item_name.startswith(".")
                           else self.ratings.parent / item_name)
+        self.item_files = [self.item_file]
         if not self.item_file.is_file():
             raise FileNotFoundError(f"{self.item_file}: missing; the {self.layout} layout needs it beside "
                                     f"{self.ratings.name} for the movies' genres")
@@ -104,6 +107,7 @@ class MovieLens(Adapter):
         f = self.item_file
         fc = counts.setdefault(str(f), FileCount())
         rows: dict[int, int] = {}
+        self._undecodable_text = 0
         for lineno, item, cat, err in self._item_lines(f, quarantine, fc):
             if err is not None:
                 quarantine.add(f, lineno, self._raw_text, err[0], err[1])
@@ -112,12 +116,15 @@ class MovieLens(Adapter):
             else:
                 rows[item] = cat
         self.items_known = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
+        if self._undecodable_text:      # e.g. a Latin-1 byte in a title: the title is not read, the movie is kept
+            self.notes["items_undecodable_text_kept"] = self._undecodable_text
         return pd.DataFrame({"item_id": self.items_known, "author_id": 0,
                              "category": np.fromiter(rows.values(), dtype=np.int32, count=len(rows)),
                              "duration_ms": self.duration_ms})
 
     def _item_lines(self, f: Path, quarantine: Quarantine, fc: FileCount):
         if self.layout == "ml100k":      # id|title|release|video release|url|19 flags, latin-1
+            quarantine.watch(f, "|", 0)
             for lineno, text in read_small_lines(f, "latin-1", quarantine, fc, header=False):
                 self._raw_text = text
                 parts = text.split("|")
@@ -143,28 +150,39 @@ class MovieLens(Adapter):
             if gcol is None:
                 raise DataError(f"{f}: header {names} has no genre column; expected 'class:token_seq' or 'genre:token_seq'")
             ii, gi = names.index("item_id"), names.index(gcol)
+            quarantine.watch(f, "\t", ii)
             for lineno, text in read_small_lines(f, "utf-8", quarantine, fc, header=True):
                 self._raw_text = text
                 parts = text.split("\t")
                 if len(parts) != len(names):
                     yield lineno, None, None, ("field_count", f"expected {len(names)} tab-separated fields "
                                                               f"({', '.join(names)}), got {len(parts)}")
+                elif undecodable(parts[ii]) or undecodable(parts[gi]):
+                    yield lineno, None, None, ("bad_encoding", f"field {names[ii if undecodable(parts[ii]) else gi]!r}"
+                                                               f" is not UTF-8 text")
                 elif _id_error(parts[ii], "item_id"):
                     yield lineno, None, None, _id_error(parts[ii], "item_id")
                 else:
+                    self._undecodable_text += undecodable(text)
                     toks = parts[gi].split()
                     yield lineno, int(parts[ii]), (genre_id(toks[0]) if toks else 0), None
         else:                            # ml1m movies.dat (::, latin-1) or movies.csv (quoted csv)
             dat = self.layout == "ml1m"
+            quarantine.watch(f, "::" if dat else ",", 0)
+            cols = ["MovieID", "Title", "Genres"] if dat else ["movieId", "title", "genres"]
             for lineno, text in read_small_lines(f, "latin-1" if dat else "utf-8", quarantine, fc, header=not dat):
                 self._raw_text = text
                 parts = text.split("::") if dat else next(csv.reader(io.StringIO(text)), [])
                 if len(parts) != 3:
                     yield lineno, None, None, ("field_count", "expected 3 fields (movie id, title, genres "
                                                               f"A|B), got {len(parts)}")
+                elif undecodable(parts[0]) or undecodable(parts[2]):
+                    yield lineno, None, None, ("bad_encoding", f"field {cols[0 if undecodable(parts[0]) else 2]!r} "
+                                                               f"is not UTF-8 text")
                 elif _id_error(parts[0], "movieId"):
                     yield lineno, None, None, _id_error(parts[0], "movieId")
                 else:
+                    self._undecodable_text += undecodable(parts[1])
                     yield lineno, int(parts[0]), genre_id(parts[2].split("|")[0]), None
 
     # ------------------------------------------------------------ ratings
@@ -183,13 +201,15 @@ class MovieLens(Adapter):
                "user_id": "user_id", "item_id": "item_id"}
 
         def make_format(first: bytes | None) -> LineFormat:
-            cols = names
+            cols, labels = names, {"ts": "timestamp"}     # no header: the names of the MovieLens README
             if first is not None:
                 raw = [c.split(":")[0] for c in split_header(first, path, delim)]
                 require_columns(path, raw, ["userId", "movieId", "rating", "timestamp"] if layout == "csv"
                                 else ["user_id", "item_id", "rating", "timestamp"])
                 cols = [std.get(c, c) for c in raw]
-            return LineFormat(path, cols, {"user_id": "int", "item_id": "int", "rating": "num", "ts": "num"}, delim)
+                labels = {std.get(c, c): c for c in raw}   # details name the file's own header
+            return LineFormat(path, cols, {"user_id": "int", "item_id": "int", "rating": "num", "ts": "num"}, delim,
+                              labels=labels)
 
         return [(path, header, make_format)]
 
@@ -198,14 +218,11 @@ class MovieLens(Adapter):
         t = block.table
         rating = t.column("rating").to_numpy()
         bad = (rating < 0) | (rating > 10)
-        block = block.reject(bad, quarantine, file, "bad_value", "field 'rating': expected 0..10 (MovieLens uses 0.5-5)")
+        block = block.reject(bad, quarantine, file, "bad_value",
+                             f"field {block.label('rating')!r}: expected 0..10 (MovieLens uses 0.5-5)")
         block = block.reject_bad_ts("ts", np.round(block.table.column("ts").to_numpy()) * 1000.0, quarantine, file,
                                     unit="s")
-        t = block.table
-        unknown = ~np.isin(t.column("item_id").to_numpy(), self.items_known)
-        block = block.reject(unknown, quarantine, file, "unknown_item",
-                             [f"movie id {i} is not in {self.item_file.name}"
-                              for i in t.column("item_id").to_numpy()[unknown]])
+        block = self.reject_unknown_items(block, "item_id", quarantine, file)
         t = block.table
         rating = t.column("rating").to_numpy().astype(np.float32)
         ev = pd.DataFrame({

@@ -1,6 +1,7 @@
 """The ingest quarantine: every rejected line with its file, line number, raw text, reason and detail."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,33 @@ class Quarantine:
         self.flush_rows = flush_rows
         self.by_reason: dict[str, int] = {}
         self.by_file: dict[str, int] = {}
+        self._watch: dict[str, tuple[str, int]] = {}
+        self.rejected_ids: dict[str, dict[int, tuple[int, str]]] = {}   # item file -> {id: (line, reason)}
+        self.lines_without_id: dict[str, list[int]] = {}                # item file -> lines whose id is unreadable
+
+    def watch(self, file: Path | str, delimiter: str, id_field: int = 0) -> None:
+        """Remember the item id of each line of an item file that gets quarantined (its `id_field`-th field,
+        when it reads as an id), so that an event of that item can be told its item's line was quarantined
+        (reason quarantined_item) rather than that the item is missing."""
+        self._watch[str(file)] = (delimiter, id_field)
+        self.rejected_ids.setdefault(str(file), {})
+        self.lines_without_id.setdefault(str(file), [])
+
+    def _remember(self, file: str, line: int, text: str, reason: str) -> None:
+        delim, k = self._watch[file]
+        fields = text.split(delim)
+        v = fields[k].strip().strip('"').strip() if k < len(fields) else ""
+        if re.fullmatch(r"\d{1,18}", v):
+            self.rejected_ids[file].setdefault(int(v), (int(line), reason))
+        else:
+            self.lines_without_id[file].append(int(line))
 
     def add(self, file: Path | str, line: int, raw: bytes | str, reason: str, detail: str) -> None:
-        text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
-        text = text.rstrip("\r\n")
+        if isinstance(raw, str):        # a decoded line may hold undecodable bytes as surrogates: show them as \xNN
+            raw = raw.encode("utf-8", errors="surrogateescape")
+        text = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
+        if str(file) in self._watch and reason != "duplicate_item":
+            self._remember(str(file), line, text, reason)
         if len(text) > MAX_TEXT:
             text = text[:MAX_TEXT] + "..."
         self._rows.append((str(file), int(line), text, reason, detail))

@@ -30,7 +30,10 @@ DEPTH = np.array([0.25, 0.5, 0.75, 1.0])
 class Taobao(Adapter):
     name = "taobao"
     cross = ("liked",)
-    dup_key = ("user_id", "item_id", "ts", "action")     # a pv and a buy of one second are two events
+    # a pv and a buy of one item in one second are two events: behaviours keep `action` (0 pv, 1 fav, 2 cart,
+    # 3 buy) and meta.json event_key names it, so that validate applies the same rule (schema.repeated_events)
+    dup_key = ("user_id", "item_id", "ts", "action")
+    ts_field, ts_unit_ms, item_what = "timestamp", 1000, "item_id"
 
     def discover(self) -> None:
         src = self.src

@@ -115,20 +115,35 @@ class TsSketch:
         self.weights.append(np.full(len(s), n / len(s)))
         self.n += n
 
-    def robust_range(self, q: float, margin: float, min_margin_ms: int) -> tuple[int, int, int, int] | None:
+    def _sorted(self, within: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        v, w = np.concatenate(self.values), np.concatenate(self.weights)
+        if within is not None:
+            keep = (v >= within[0]) & (v < within[1])
+            v, w = v[keep], w[keep]
+        o = np.argsort(v, kind="stable")
+        return v[o], np.cumsum(w[o])
+
+    def median(self) -> int | None:
+        """The (weighted) median event time; None without events."""
+        if self.n == 0:
+            return None
+        v, cum = self._sorted()
+        return int(v[min(np.searchsorted(cum, cum[-1] / 2, side="left"), len(v) - 1)])
+
+    def robust_range(self, q: float, margin: float, min_margin_ms: int,
+                     within: tuple[int, int] | None = None) -> tuple[int, int, int, int] | None:
         """(lo, hi, q_lo, q_hi): [lo, hi) = [q_lo - m, q_hi + m] with q_lo / q_hi the times below / above
-        which a share q of the events lie (at least one event each), m = max(margin * (q_hi - q_lo),
-        min_margin_ms). None when there are too few events to tell (< 3)."""
+        which a share q of the events (those `within` [a, b) when given) lie (at least one event each),
+        m = max(margin * (q_hi - q_lo), min_margin_ms). None when there are too few events to tell (< 3)."""
         if self.n < 3:
             return None
-        v, w = np.concatenate(self.values), np.concatenate(self.weights)
-        o = np.argsort(v, kind="stable")
-        v, cum = v[o], np.cumsum(w[o])
-        k = max(1, int(np.ceil(q * self.n - 1e-9)))
-        if self.n < 2 * k + 1:
+        v, cum = self._sorted(within)
+        n = int(round(float(cum[-1]))) if len(cum) else 0
+        k = max(1, int(np.ceil(q * n - 1e-9)))
+        if n < 2 * k + 1:
             return None
         q_lo = int(v[min(np.searchsorted(cum, k + 1e-6, side="left"), len(v) - 1)])
-        q_hi = int(v[min(np.searchsorted(cum, self.n - k - 1e-6, side="left"), len(v) - 1)])
+        q_hi = int(v[min(np.searchsorted(cum, n - k - 1e-6, side="left"), len(v) - 1)])
         m = max(int(margin * (q_hi - q_lo)), int(min_margin_ms))
         return max(q_lo - m, HARD_TS_MS[0]), min(q_hi + m + 1, HARD_TS_MS[1]), q_lo, q_hi
 
@@ -150,16 +165,45 @@ def ts_window(adapter: "Adapter", params: dict, sketch: TsSketch) -> dict:
     rp = params.get("ts_robust") or {}
     q, margin = float(rp.get("quantile", 0.01)), float(rp.get("margin", 1.0))
     min_margin = int(rp.get("min_margin_ms", 86_400_000))
-    r = sketch.robust_range(q, margin, min_margin)
+    mag = float(rp.get("magnitude", 10.0))
+    if not mag > 1:
+        raise ConfigError(f"params ingest.ts_robust.magnitude: expected a factor > 1, got {mag}")
+    median = sketch.median()
+    band = None
+    if median is not None and median > 0 and sketch.n >= 3:
+        # per-row unit check: a time more than `magnitude` x nearer to (or farther from) 1970 than the
+        # log's median is in another unit (seconds in a millisecond field read as January 1970)
+        band = (max(int(median / mag), HARD_TS_MS[0]), min(int(median * mag), HARD_TS_MS[1]))
+    r = sketch.robust_range(q, margin, min_margin, within=band)
     if r is None:
         lo, hi = HARD_TS_MS
         return {"source": "hard", "lo_ms": lo, "hi_ms": hi,
                 "detail": "ts outside [1970-01-01, 2100-01-01), the hard range of any log"}
     lo, hi, q_lo, q_hi = r
-    return {"source": "robust", "lo_ms": lo, "hi_ms": hi, "quantile_lo_ms": q_lo, "quantile_hi_ms": q_hi,
-            "detail": (f"ts outside [{_iso(lo)}, {_iso(hi)}) UTC, the robust range of the log itself (its "
-                       f"{q:g} and {1 - q:g} quantiles {_iso(q_lo)} and {_iso(q_hi)} widened by {margin:g} x "
-                       f"their distance, at least {min_margin} ms)")}
+    out = {"source": "robust", "lo_ms": lo, "hi_ms": hi, "quantile_lo_ms": q_lo, "quantile_hi_ms": q_hi,
+           "detail": (f"ts outside [{_iso(lo)}, {_iso(hi)}) UTC, the robust range of the log itself (its "
+                      f"{q:g} and {1 - q:g} quantiles {_iso(q_lo)} and {_iso(q_hi)} widened by {margin:g} x "
+                      f"their distance, at least {min_margin} ms)")}
+    if band is not None:
+        out.update(unit_lo_ms=band[0], unit_hi_ms=band[1], median_ms=median, magnitude=mag,
+                   unit_rule=(f"ts below {_iso(band[0])} or from {_iso(band[1])} on: more than {mag:g} x nearer "
+                              f"to or farther from 1970-01-01 than the log's median time {_iso(median)}, so in "
+                              f"another unit or cut short (quantiles taken over the other events)"))
+        out["lo_ms"], out["hi_ms"] = max(lo, band[0]), min(hi, band[1])
+    return out
+
+
+def wrong_unit_detail(field: str, unit_ms: int, ts_ms: int, window: dict) -> str:
+    """The quarantine detail of an event time that is in another unit than the rest of the log."""
+    raw = int(ts_ms) // unit_ms
+    unit = "ms" if unit_ms == 1 else "s"
+    low = ts_ms < window["unit_lo_ms"]
+    when = _iso(ts_ms) if HARD_TS_MS[0] <= ts_ms < HARD_TS_MS[1] else "?"
+    return (f"field {field!r}: {raw} ({unit}) reads as {when} UTC, more than {window['magnitude']:g} x "
+            f"{'nearer to' if low else 'farther from'} 1970-01-01 than the log's median time "
+            f"{_iso(window['median_ms'])}: a time in another unit (e.g. "
+            f"{'seconds where milliseconds' if low else 'milliseconds where seconds'} are expected)"
+            + (" or cut short" if low else ""))
 
 
 def _test_history(beh: pd.DataFrame, test: pd.DataFrame, W: int, th: dict) -> None:
