@@ -25,9 +25,9 @@ become an impression when ts >= history_end) and `label`. The report's counts mu
 data line read is accepted or quarantined, and every accepted event line is a behaviour, an
 impression, both, or unused (asserted in `ingest`).
 
-The parts live in modules of their own: lines.py (reading and parsing), quarantine.py, timesplit.py (the
-plausible time range and the split), publish.py (the work folder and the switch); their public names are
-imported here too.
+The parts live in modules of their own: base.py (the Adapter interface), lines.py (reading and parsing),
+quarantine.py, timesplit.py (the plausible time range and the split), publish.py (publishing in one step and
+repairing killed runs); their public names are imported here too.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -44,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from twinv2.data.adapters.base import Adapter
 from twinv2.data.adapters.lines import (BOM, HARD_TS_MS, INT32_MAX, INT64, KIND_RE, MAX_TEXT, NUM,  # noqa: F401
                                         Block, FileCount, LineFormat, as_int, fetch_lines, read_lines,
                                         read_small_lines, require_columns, split_header)
@@ -51,84 +51,13 @@ from twinv2.data.adapters.publish import INGEST_DIR, WORK_PREFIX, clean_stale, p
 from twinv2.data.adapters.quarantine import LINE_BITS, QUARANTINE_SCHEMA, Quarantine, _Deferred  # noqa: F401
 from twinv2.data.adapters.timesplit import (SPLIT_MODES, TsSketch, _iso, _test_history,  # noqa: F401
                                             assign_split, assign_split_per_user, per_user_spec, split_bounds,
-                                            split_mode, ts_window, wrong_unit_detail)
+                                            required_splits, split_mode, ts_window, wrong_unit_detail)
 from twinv2.data.schema import EVENT_KEY, DatasetPaths, conform, repeated_events
 from twinv2.data.store import BehaviorWriter
-from twinv2.errors import ConfigError, DataError
+from twinv2.errors import DataError
 from twinv2.io import write_json
 
-# ---------------------------------------------------------------- the adapter interface and driver
-
-
-class Adapter:
-    """One public log format. Subclasses fill `discover`, `read_items`, `event_files`, `to_events`."""
-
-    name = "?"
-    cross: tuple[str, ...] = ()            # optional behaviour cross features it fills (schema names)
-    dup_key: tuple[str, ...] = EVENT_KEY   # two event lines with this key are one event (meta.json event_key)
-    ts_range: tuple[int, int] | None = None                  # configured plausible [lo, hi) ms, if any
-    ts_field: str = "ts"                   # the time field as the files name it, and its unit (ms per unit)
-    ts_unit_ms: int = 1
-    item_what: str = "item"                # how details name an item id ("movie id", "video_id")
-
-    def __init__(self, src: Path, params: dict):
-        self.src = Path(src)
-        self.params = params
-        self.meta: dict = {}                # extra meta.json entries
-        self.notes: dict = {}               # extra report entries
-        self.item_files: list[Path] = []    # the files read_items reads (for messages)
-
-    def discover(self) -> None: ...
-
-    def read_items(self, quarantine: Quarantine, counts: dict[str, FileCount]) -> pd.DataFrame | None:
-        """The item table from side files (None: built from the events by `items_from_events`)."""
-        return None
-
-    def event_files(self) -> list[tuple[Path, bool, Callable[[bytes | None], LineFormat]]]:
-        raise NotImplementedError
-
-    def to_events(self, block: Block, file: Path, quarantine: Quarantine) -> tuple[Block, pd.DataFrame]:
-        """Parsed lines -> (the block minus rejected rows, events with user_id, item_id, ts, play_ms,
-        duration_ms, cross..., beh, imp, label), one event per remaining row, same order."""
-        raise NotImplementedError
-
-    def finalize(self, ev: pd.DataFrame, bounds: dict[str, int]) -> pd.DataFrame:
-        """Last touch on one user range of accepted events, sorted by (user_id, ts, seq) (e.g. labels
-        from later events)."""
-        return ev
-
-    def items_from_events(self) -> pd.DataFrame:
-        """The item table of adapters without an item file, from the accepted events (after pass 2)."""
-        raise NotImplementedError
-
-    def after_events(self, items: pd.DataFrame) -> pd.DataFrame:
-        return items
-
-    def reject_unknown_items(self, block: Block, column: str, quarantine: Quarantine, file: Path) -> Block:
-        """Quarantine events whose item is not in the item table, with a reason that is true: the item's
-        line was quarantined (`quarantined_item`, naming that line and its reason), or no line of the item
-        file defines it (`unknown_item`; also saying how many of its quarantined lines had no readable id)."""
-        ids = block.table.column(column).to_numpy()
-        unknown = ~np.isin(ids, self.items_known)
-        if not unknown.any():
-            return block
-        names = ", ".join(p.name for p in self.item_files)
-        rejected = {i: (Path(f).name, ln, r) for f, m in quarantine.rejected_ids.items() for i, (ln, r) in m.items()}
-        no_id = [(Path(f).name, ln) for f, lines in quarantine.lines_without_id.items() for ln in lines]
-        was_rejected = unknown & np.isin(ids, np.fromiter(rejected, dtype=np.int64, count=len(rejected)))
-        block = block.reject(was_rejected, quarantine, file, "quarantined_item",
-                             [f"{self.item_what} {int(i)}: its line {rejected[int(i)][1]} of {rejected[int(i)][0]} "
-                              f"was quarantined ({rejected[int(i)][2]}), so its events are too"
-                              for i in ids[was_rejected]])
-        ids = block.table.column(column).to_numpy()
-        unknown = ~np.isin(ids, self.items_known)
-        tail = ""
-        if no_id:
-            shown = ", ".join(f"{f} line {ln}" for f, ln in no_id[:5]) + (", ..." if len(no_id) > 5 else "")
-            tail = (f" (or on one of the {len(no_id)} quarantined lines of the item file whose id could not be "
-                    f"read: {shown})")
-        return block.reject(unknown, quarantine, file, "unknown_item",
-                            [f"{self.item_what} {int(i)} is not in {names}{tail}" for i in ids[unknown]])
+# ---------------------------------------------------------------- the driver
 
 
 def _user_ranges(counts: pd.Series, budget: int) -> list[tuple[int, int]]:
@@ -188,20 +117,6 @@ def summary(report: dict) -> str:
             f"{r['impressions']:,} impressions {r['impressions_by_split']} of {report['n_users']:,} users "
             f"({report['split']} split; {report['test_no_history']:,} of {r['impressions_by_split']['test']:,} "
             f"test impressions have no history) -> {report['out']}/raw")
-
-
-def required_splits(params: dict, spec: dict | None) -> set[str]:
-    """The splits that must hold impressions (params ingest.require_splits, default all three; with the
-    per-user split and `valid: 0`, valid is empty by design)."""
-    req = params.get("require_splits")
-    req = set(("train", "valid", "test") if req is None else req)
-    unknown = req - {"train", "valid", "test"}
-    if unknown:
-        raise ConfigError(f"params ingest.require_splits: unknown splits {sorted(unknown)}; expected some of "
-                          f"train, valid, test")
-    if spec is not None and spec.get("valid") == 0:
-        req.discard("valid")
-    return req
 
 
 def _no_data(files: list[Path], counts: dict[str, FileCount], what: str) -> str | None:

@@ -47,6 +47,20 @@ def assign_split(ts: np.ndarray, b: dict[str, int]) -> np.ndarray:
     return out
 
 
+def required_splits(params: dict, spec: dict | None) -> set[str]:
+    """The splits that must hold impressions (params ingest.require_splits, default all three; with the
+    per-user split and `valid: 0`, valid is empty by design)."""
+    req = params.get("require_splits")
+    req = set(("train", "valid", "test") if req is None else req)
+    unknown = req - {"train", "valid", "test"}
+    if unknown:
+        raise ConfigError(f"params ingest.require_splits: unknown splits {sorted(unknown)}; expected some of "
+                          f"train, valid, test")
+    if spec is not None and spec.get("valid") == 0:
+        req.discard("valid")
+    return req
+
+
 def per_user_spec(params: dict) -> dict[str, int | float]:
     """params ingest.per_user {valid, test}: a float in (0, 1) is a fraction of each user's impression
     events from history_end on (rounded up), an int >= 0 a count of them (test >= 1)."""
