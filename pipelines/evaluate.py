@@ -120,8 +120,11 @@ def _ranking_diversity(scorer: RunScorer, test: pd.DataFrame, ep: dict) -> dict:
         return {"coverage": None, "ild": None, "n_users": 0}
     ids = items["item_id"].to_numpy()
     pools = [np.sort(rng.choice(len(items), pool_n, replace=False)) for _ in users]
-    # one user against its pool: the serving path (the user's sequences built once, broadcast)
-    probs = [scorer.score_user(int(user), ids[pool], int(first_ts.loc[user])) for user, pool in zip(users, pools)]
+    # every user against its pool in one call: the batch path (each user's sequences built once, all users in one
+    # gather, broadcast over the pool; tests/training/test_scoring.py holds it equal to one score_user per user)
+    flat = scorer.score_many(np.repeat(users, pool_n), np.concatenate([ids[pool] for pool in pools]),
+                             np.repeat(first_ts.loc[users].to_numpy(np.int64), pool_n))
+    probs = np.split(flat, len(users))
     cat = items["category"].to_numpy()
     lists = [cat[pool[top_n_list(pr, top_n)]] for pool, pr in zip(pools, probs)]
     out = ranking_diversity(lists, n_categories=len(np.unique(cat)))

@@ -94,3 +94,23 @@ def test_cached_label_counts_equal_feedback_counts(runs):
     n0, k0 = fb.counts(users, ts)
     np.testing.assert_array_equal(n, n0)
     np.testing.assert_array_equal(k, k0)
+
+
+def test_evaluate_ranking_pools_take_the_batch_path_with_the_serving_scores(runs, monkeypatch):
+    """pipelines.evaluate's ranking diversity scores every user's pool in one score_many call: the same
+    coverage / ILD as one score_user call per user (the path it used before)."""
+    from pipelines import evaluate
+
+    s = runs["twinv2"]
+    test = s.world.impressions[s.world.impressions["split"] == "test"].reset_index(drop=True)
+    ep = {"seed": 3, "diversity_users": 8, "diversity_pool": 40, "diversity_topn": 5}
+    batch = evaluate._ranking_diversity(s, test, ep)
+
+    one_group = s.score_many
+
+    def per_user(users, items, ts):                      # the previous code: one serving call per user
+        u, i, t = np.asarray(users), np.asarray(items), np.asarray(ts)
+        return np.concatenate([one_group(u[u == x], i[u == x], t[u == x]) for x in dict.fromkeys(u.tolist())])
+
+    monkeypatch.setattr(s, "score_many", per_user)
+    assert evaluate._ranking_diversity(s, test, ep) == batch
