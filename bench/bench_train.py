@@ -1,0 +1,299 @@
+"""Training throughput of the real training path (issue 29), for TWIN-V2 and TWIN:
+
+    python -m bench.bench_train --data DIR [--device cpu|cuda|auto] [--quick] [--out bench/results/bench_train.json]
+
+DIR: a generated, validated and clustered world (`twinv2 generate --preset default --out DIR --seed 7`,
+`twinv2 validate --data DIR`, `twinv2 cluster --data DIR`); without --data the world is built under
+--work (preset --preset, seed 7).
+
+1. input: the input pipeline alone, from the loaded stores to ready batch tensors (no model), train batches in
+   the training order: the reference assembly (SampleSet.reference_batch) vs the fast path (fastbatch), samples
+   per second and per CPU-second (process time, i.e. per core: numpy here runs on one thread);
+2. step: the model step alone (forward, BCE, backward, the training optimizer) on a resident batch of the world,
+   over batch sizes: samples/s, median step ms, peak memory (CUDA max allocated; on CPU the process's max RSS,
+   which only grows); and on the large world's history lengths (synthetic batches as bench/bench_models.py:
+   TWIN reads N raw rows, TWIN-V2 N / 10 clusters);
+3. end to end: `twinv2 train` (pipelines.train.run, MLflow off) with the old configuration (reference batches,
+   no prefetch: train.fast_batches false, train.prefetch 0) and the new one, side by side in one run
+   (alternating old, new), training samples/s of the epochs and the whole run's wall time.
+bf16 autocast on CUDA, fp32 on CPU (the training loop's rule). Prints JSON and a table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from twinv2.config import load_params  # noqa: E402
+from twinv2.io import write_json  # noqa: E402
+
+MODELS = ("twinv2", "twin")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device "
+                         f"(torch.version.cuda = {torch.version.cuda}); use --device cpu or auto")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_world(work: Path, preset: str) -> Path:
+    from pipelines import cluster, generate, validate
+
+    params = load_params()
+    data = work / f"world-{preset}"
+    if not (data / "clusters" / "CURRENT").exists():
+        generate.run(preset=preset, out=data, seed=7, params=params)
+        validate.run(data=data, params=params)
+        cluster.run(data=data, params=params)
+    return data
+
+
+# ---------------------------------------------------------------- 1. input pipeline
+
+
+def input_pipeline(world, model, params: dict, n_batches: int) -> dict:
+    from twinv2.training.samples import BatchOrder
+
+    bs = int(params["train"]["batch_size"])
+    ds = world.dataset(world.samples("train"), model)
+    order = BatchOrder(len(ds), bs, shuffle=True, seed=0)
+    order.set_epoch(1)
+    batches = [np.asarray(b) for b in list(order)[:n_batches]]
+    out = {"batch_size": bs, "batches": len(batches), "samples": int(sum(len(b) for b in batches))}
+    for mode in ("reference", "fast"):
+        ds.fast = mode == "fast"
+        ds[batches[0]]                                      # warm-up (the fast path packs its table once)
+        wall, cpu = [], []
+        for _ in range(2):
+            t, c = time.perf_counter(), time.process_time()
+            for b in batches:
+                ds[b]
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        out[mode] = {"samples_per_s": out["samples"] / min(wall),
+                     "samples_per_cpu_s": out["samples"] / min(cpu)}
+    out["speedup_per_core"] = out["fast"]["samples_per_cpu_s"] / out["reference"]["samples_per_cpu_s"]
+    return out
+
+
+# ---------------------------------------------------------------- 2. model step
+
+
+def _peak_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(model, batch, device, steps: int) -> dict:
+    from twinv2.training.loop import TrainConfig, autocast, make_optimizer
+
+    model = model.to(device).train()
+    model.check_inputs = False
+    opt = make_optimizer(model, TrainConfig(lr=1e-3))
+    from twinv2.training.samples import to_device
+
+    b = to_device(batch, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(steps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast(device):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b).float(), b["label"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        if step:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    n = len(batch["label"])
+    return {"batch_size": n, "steps": steps, "step_ms": 1e3 * med, "samples_per_s": n / med,
+            "peak_mem_mib": _peak_mib(device)}
+
+
+def model_steps(world, name: str, params: dict, batch_sizes, steps: int, device) -> list[dict]:
+    from pipelines.train import build
+
+    ds = world.dataset(world.samples("train"), build(name, world.vocab, params))
+    rows = []
+    for bs in batch_sizes:
+        bs = min(int(bs), len(ds))
+        torch.manual_seed(0)
+        model = build(name, world.vocab, params)
+        idx = np.random.default_rng(0).permutation(len(ds))[:bs]
+        rows.append({"model": name, **time_steps(model, ds[idx], device, steps)})
+    return rows
+
+
+def length_steps(lengths, batch_size: int, steps: int, compression: int, device) -> list[dict]:
+    """The large world's history lengths on synthetic batches (bench_models.random_batch)."""
+    from bench.bench_models import VOCAB, random_batch
+    from twinv2.models import build_model
+
+    rows = []
+    for n in lengths:
+        for kind in MODELS:
+            p = dict(load_params()["model"])
+            L = n if kind == "twin" else max(1, n // compression)
+            p["twin_window"] = L
+            torch.manual_seed(0)
+            model = build_model(kind, VOCAB, p)
+            batch = random_batch(batch_size, L, p["short_len"], torch.Generator().manual_seed(1), kind == "twinv2")
+            rows.append({"model": kind, "history": n, "long_len": L, **time_steps(model, batch, device, steps)})
+    return rows
+
+
+# ---------------------------------------------------------------- 3. end to end
+
+
+CONFIGS = {"old": {"fast_batches": False, "prefetch": 0}, "new": {"fast_batches": True, "prefetch": 2}}
+
+
+def end_to_end(data: Path, name: str, params: dict, epochs: int, device, work: Path, reps: int) -> dict:
+    from pipelines import train
+
+    out = {}
+    for rep in range(reps):
+        for cfg, over in CONFIGS.items():
+            p = copy.deepcopy(params)
+            p["train"].update(over, epochs=epochs, patience=epochs, progress=False, device=device.type)
+            t = time.perf_counter()
+            rep_ = train.run(data, name, work / f"run-{name}-{cfg}-{rep}", p)
+            wall = time.perf_counter() - t
+            sps = [h["samples_per_s"] for h in rep_["history"]]
+            out.setdefault(cfg, []).append({"train_samples_per_s": statistics.median(sps), "wall_s": wall,
+                                            "best_valid_gauc": rep_["best_valid_gauc"]})
+    res = {"model": name, "epochs": epochs, "batch_size": int(params["train"]["batch_size"]), "reps": reps}
+    for cfg in CONFIGS:
+        res[cfg] = {"train_samples_per_s": statistics.median(r["train_samples_per_s"] for r in out[cfg]),
+                    "wall_s": statistics.median(r["wall_s"] for r in out[cfg]),
+                    "best_valid_gauc": [r["best_valid_gauc"] for r in out[cfg]], "runs": out[cfg]}
+    res["speedup"] = res["new"]["train_samples_per_s"] / res["old"]["train_samples_per_s"]
+    res["same_valid_gauc"] = res["old"]["best_valid_gauc"] == res["new"]["best_valid_gauc"]
+    return res
+
+
+# ---------------------------------------------------------------- main
+
+
+def run(data: Path | None, device: torch.device, quick: bool, work: Path, preset: str = "default",
+        batch_sizes=None, lengths=None, steps: int = 5, epochs: int = 1, reps: int = 1, n_batches: int = 40) -> dict:
+    from twinv2.models import REGISTRY
+    from twinv2.training.world import load_world
+    from pipelines.train import build
+
+    for k in ("MLFLOW_TRACKING_URI", "TWINV2_MLFLOW", "MLFLOW_RUN_ID"):
+        os.environ.pop(k, None)
+    t_all = time.perf_counter()
+    data = Path(data) if data is not None else build_world(work, "tiny" if quick else preset)
+    params = load_params()
+    if quick:
+        from tests.training.conftest import SMALL_MODEL
+
+        params["model"].update(SMALL_MODEL)
+        params["train"].update(batch_size=64)
+        batch_sizes, lengths, steps, epochs, n_batches = batch_sizes or [16, 64], lengths or [200], 2, 1, 4
+    batch_sizes = batch_sizes or ([256, 1024, 4096] if device.type == "cpu" else [256, 1024, 4096, 16384])
+    lengths = lengths or [1_000, 10_000, 100_000]
+    res = {"data": str(data), "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(0),
+           "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "torch": torch.__version__,
+           "cpu_threads": torch.get_num_threads(), "quick": quick, "input": {}, "step": [], "lengths": [],
+           "end_to_end": {}}
+    world = load_world(data, need_clusters=True, features=params["train"].get("features"))
+    for name in MODELS:
+        model = build(name, world.vocab, params)
+        assert getattr(REGISTRY[name], "long_source", "raw") == model.long_source
+        res["input"][name] = input_pipeline(world, model, params, n_batches)
+        res["step"] += model_steps(world, name, params, batch_sizes, steps, device)
+    res["lengths"] = length_steps(lengths, 8 if device.type == "cpu" and not quick else (2 if quick else 64),
+                                  steps, 10, device)
+    for name in MODELS:
+        res["end_to_end"][name] = end_to_end(data, name, params, epochs, device, work, reps)
+    res["wall_s"] = time.perf_counter() - t_all
+    return res
+
+
+def table(res: dict) -> str:
+    lines = [f"device: {res['device']}  precision: {res['precision']}  torch {res['torch']}  "
+             f"threads {res['cpu_threads']}  data {res['data']}", "",
+             "input pipeline (train batches, no model)",
+             f"{'model':8} {'batch':>6} {'ref samples/s':>14} {'fast samples/s':>15} {'ref /cpu-s':>11} "
+             f"{'fast /cpu-s':>12} {'x/core':>7}"]
+    for m, r in res["input"].items():
+        lines.append(f"{m:8} {r['batch_size']:>6} {r['reference']['samples_per_s']:>14,.0f} "
+                     f"{r['fast']['samples_per_s']:>15,.0f} {r['reference']['samples_per_cpu_s']:>11,.0f} "
+                     f"{r['fast']['samples_per_cpu_s']:>12,.0f} {r['speedup_per_core']:>7.2f}")
+    lines += ["", "model step on a resident batch of the world",
+              f"{'model':8} {'batch':>6} {'step ms':>9} {'samples/s':>11} {'peak MiB':>9}"]
+    for r in res["step"]:
+        lines.append(f"{r['model']:8} {r['batch_size']:>6} {r['step_ms']:>9.1f} {r['samples_per_s']:>11,.0f} "
+                     f"{r['peak_mem_mib']:>9,.0f}")
+    lines += ["", "model step at the large world's lengths (synthetic batches; TWIN-V2 reads N / 10 clusters)",
+              f"{'model':8} {'history':>8} {'long_len':>8} {'batch':>6} {'step ms':>9} {'samples/s':>11}"]
+    for r in res["lengths"]:
+        lines.append(f"{r['model']:8} {r['history']:>8} {r['long_len']:>8} {r['batch_size']:>6} "
+                     f"{r['step_ms']:>9.1f} {r['samples_per_s']:>11,.1f}")
+    by = {(r["model"], r["history"]): r["samples_per_s"] for r in res["lengths"]}
+    for n in sorted({r["history"] for r in res["lengths"]}):
+        lines.append(f"TWIN-V2 / TWIN at {n}: {by[('twinv2', n)] / by[('twin', n)]:.2f}x")
+    lines += ["", "end to end (`twinv2 train`; old: reference batches, no prefetch; new: fast batches + prefetch)",
+              f"{'model':8} {'epochs':>6} {'old samples/s':>14} {'new samples/s':>14} {'x':>6} {'old wall s':>11} "
+              f"{'new wall s':>11} {'same GAUC':>9}"]
+    for m, r in res["end_to_end"].items():
+        lines.append(f"{m:8} {r['epochs']:>6} {r['old']['train_samples_per_s']:>14,.0f} "
+                     f"{r['new']['train_samples_per_s']:>14,.0f} {r['speedup']:>6.2f} {r['old']['wall_s']:>11.1f} "
+                     f"{r['new']['wall_s']:>11.1f} {str(r['same_valid_gauc']):>9}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=None, help="a validated, clustered world (default: build one under --work)")
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--work", default=None, help="folder for the built world and the runs (default: a temp dir)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="the tiny world, small model, few steps (CI)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--lengths", type=int, nargs="+", default=None)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=1, help="old/new end-to-end pairs (medians)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_train.json"))
+    a = ap.parse_args(argv)
+    device = pick_device(a.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work) if a.work else Path(tmp)
+        res = run(Path(a.data) if a.data else None, device, a.quick, work, a.preset, a.batch_sizes, a.lengths,
+                  a.steps, a.epochs, a.reps)
+    res["command"] = "python -m bench.bench_train " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_json(a.out, res)
+    text = table(res)
+    Path(a.out).with_suffix(".txt").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

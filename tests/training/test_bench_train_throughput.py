@@ -1,0 +1,54 @@
+"""bench/bench_train.py --quick on the tiny world (CPU): the JSON has every section with sane values (structure and
+sanity, not speed), the old and new end-to-end configurations reach the same validation GAUC (same batches,
+same tensors), and bench/bench_gpu.sh runs its --device cpu path (issue 29)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import bench_train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _check(res: dict):
+    assert set(res["input"]) == {"twinv2", "twin"}
+    for r in res["input"].values():
+        for mode in ("reference", "fast"):
+            assert r[mode]["samples_per_s"] > 0 and r[mode]["samples_per_cpu_s"] > 0
+        assert r["samples"] > 0 and math.isfinite(r["speedup_per_core"])
+    assert {r["model"] for r in res["step"]} == {"twinv2", "twin"}
+    for r in res["step"] + res["lengths"]:
+        assert r["step_ms"] > 0 and r["samples_per_s"] > 0 and r["peak_mem_mib"] > 0
+    assert {(r["model"], r["history"]) for r in res["lengths"]} == {("twinv2", 200), ("twin", 200)}
+    assert [r["long_len"] for r in res["lengths"] if r["model"] == "twinv2"] == [20]
+    for m in ("twinv2", "twin"):
+        e = res["end_to_end"][m]
+        assert e["old"]["train_samples_per_s"] > 0 and e["new"]["train_samples_per_s"] > 0
+        assert e["speedup"] > 0
+        assert e["same_valid_gauc"], e            # the fast path changes no number
+    assert res["device"] == "cpu" and res["precision"] == "fp32"
+
+
+def test_quick_bench_train_json(tmp_path, clustered_ro):
+    out = tmp_path / "bench_train.json"
+    bench_train.main(["--quick", "--device", "cpu", "--data", str(clustered_ro), "--work", str(tmp_path / "w"),
+                      "--out", str(out)])
+    res = json.loads(out.read_text())
+    _check(res)
+    assert "end to end" in out.with_suffix(".txt").read_text()
+
+
+@pytest.mark.slow
+def test_bench_gpu_script_cpu_path(tmp_path, clustered_ro):
+    env = dict(os.environ, BENCH_GPU_DEVICE="cpu", BENCH_GPU_QUICK="1", BENCH_GPU_DATA=str(clustered_ro),
+               BENCH_GPU_OUT=str(tmp_path / "gpu.json"), PYTHON=sys.executable)
+    r = subprocess.run(["bash", "bench/bench_gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["cuda_available"] in (True, False) and res["device"] == "cpu"
+    _check(res["bench_train"])
