@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from twinv2.metrics.ctr import auc, gauc, logloss
 from twinv2.training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from twinv2.training.ddp import DistInfo, barrier, unwrap
+from twinv2.training.prefetch import prefetch
 from twinv2.training.samples import to_device
 
 
@@ -39,6 +40,8 @@ class TrainConfig:
     keep_checkpoints: int = 2        # newest epoch checkpoints kept (each is enough to resume); 0: all
     bias_lr: float | None = None     # learning rate of the scalar id-bias tables (item / author / user); None: lr
     user_bias_lr: float | None = None    # the user-bias table's own rate (~100 samples per row, not ~2); None: bias_lr
+    prefetch: int = 2                # batches built ahead by a background thread (twinv2.training.prefetch); 0: off
+    fast_batches: bool = True        # SampleSet's fast batch path (fastbatch); false: the reference assembly (same tensors)
 
     @classmethod
     def from_params(cls, p: dict) -> "TrainConfig":
@@ -89,7 +92,7 @@ def predict(model: torch.nn.Module, batches, device: torch.device) -> dict[str, 
     was = m.training
     m.eval()
     out = {"user": [], "label": [], "logit": []}
-    for batch in batches:
+    for batch in prefetch(batches, 2):             # batches built ahead by a thread, in order
         b = to_device(batch, device)
         with autocast(device):
             logit = m(b).float()
@@ -145,17 +148,21 @@ def fit(model: torch.nn.Module, train_loader, valid_loader, cfg: TrainConfig, ck
         state = {k: ck[k] for k in state}
         torch.set_rng_state(ck["rng"])
     resumed_from = state["epoch"]
+    for ld in (train_loader, valid_loader):
+        if hasattr(getattr(ld, "dataset", None), "fast"):
+            ld.dataset.fast = bool(cfg.fast_batches)
     t_start = time.perf_counter()
     n_seen = 0
     while state["epoch"] < cfg.epochs and not state["stopped"]:
         epoch = state["epoch"] + 1
         train_loader.sampler.set_epoch(epoch)
         model.train()
-        t0, tot, cnt = time.perf_counter(), 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and info.is_main),
-                   leave=False, dynamic_ncols=True)
-        for batch in bar:
-            b = to_device(batch, device)
+        t0, cnt = time.perf_counter(), 0
+        tot_t = torch.zeros((), dtype=torch.float64, device=device)     # summed on the device: no per-step sync
+        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
+        every = max(cfg.log_every, 1)
+        for b in prefetch(train_loader, cfg.prefetch, device):
             with autocast(device):
                 logit = model(b)
             loss = F.binary_cross_entropy_with_logits(logit.float(), b["label"])
@@ -168,14 +175,18 @@ def fit(model: torch.nn.Module, train_loader, valid_loader, cfg: TrainConfig, ck
             if getattr(net, "check_inputs", False):     # the batch contract holds for the first batch:
                 net.check_inputs = False                 # skip the per-batch index-range checks after it
             state["step"] += 1
-            n = len(batch["label"]) * info.world
-            n_seen += n
-            tot += float(loss) * len(batch["label"])
-            cnt += len(batch["label"])
-            sps = cnt * info.world / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{float(loss):.4f}", sps=f"{sps:,.0f}")
-            if on_step and info.is_main and state["step"] % max(cfg.log_every, 1) == 0:
-                on_step(state["step"], {"train_loss": float(loss), "samples_per_s": sps})
+            nb = len(b["label"])
+            n_seen += nb * info.world
+            tot_t += loss.double() * nb
+            cnt += nb
+            bar.update(1)
+            if state["step"] % every == 0:          # the only host syncs of the epoch: every log_every steps
+                sps = cnt * info.world / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{float(loss):.4f}", sps=f"{sps:,.0f}")
+                if on_step and info.is_main:
+                    on_step(state["step"], {"train_loss": float(loss), "samples_per_s": sps})
+        bar.close()
+        tot = float(tot_t)
         if not math.isfinite(tot):
             raise FloatingPointError(f"epoch {epoch}: the training loss is not finite; lower train.lr")
         valid = score(predict(model, valid_loader, device))

@@ -26,6 +26,7 @@ import torch
 
 from twinv2.data.schema import OPTIONAL_BEHAVIOR_COLUMNS
 from twinv2.data.store import UserHistories
+from twinv2.training.fastbatch import fast_batch
 
 DEFAULT_FEATURES = {
     "dur_edges_s": [5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600],
@@ -542,11 +543,24 @@ class SampleSet(torch.utils.data.Dataset):
         self.gap_pos = None
         if long_source == "clusters" and watermark_gap and watermark is not None:
             self.gap_pos = raw.positions_before(int(watermark))                   # (U,) rows of u with ts < W
+        # the batch path: twinv2.training.fastbatch (one gather per field group from a packed row table), or
+        # reference_batch (False); the same tensors (tests/training/test_fast_input.py)
+        self.fast = True
+
+    bounds = staticmethod(_bounds)      # for twinv2.training.fastbatch, which does not import this module
+    mix_fields = MIX_FIELDS
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index) -> dict:
+        if self.fast:
+            return fast_batch(self, np.atleast_1d(np.asarray(index, dtype=np.int64)))
+        return self.reference_batch(index)
+
+    def reference_batch(self, index) -> dict:
+        """The batch of samples `index`, assembled store by store (`_gather`, `_concat`): the reference the fast
+        path (twinv2.training.fastbatch, the default) is tested equal to."""
         i = np.atleast_1d(np.asarray(index, dtype=np.int64))
         s, v = self.samples, self.vocab
         ts = s.ts[i].astype(np.float64)
