@@ -114,40 +114,50 @@ def _os_message(e: OSError, paths: str | None = None) -> str:
     return f"{head}. {hint}."
 
 
+# the class label a CLI error line carries (`twinv2 <stage>: <label>: ...`), one per exit code (README "Exit codes")
+LABELS = {EXIT_VALIDATION_FAILED: "FAILED", EXIT_DATA: "data error", EXIT_USAGE: "configuration error",
+          EXIT_ARTIFACT: "artifact error", EXIT_OS: "system error", EXIT_INTERNAL: "internal error",
+          EXIT_INTERRUPTED: "interrupted"}
+
+
 def describe(exc: BaseException, paths: str | None = None) -> tuple[int, str, str]:
-    """(exit code, class label, one-paragraph message) of any exception a stage raised. `paths` (e.g.
-    "--out DIR") names the files involved when the exception itself does not (Arrow's I/O errors)."""
+    """(exit code, class label, one-paragraph message) of any exception a stage raised: the label is the exit
+    code's class (LABELS). `paths` (e.g. "--out DIR") names the files involved when the exception itself does
+    not (Arrow's I/O errors)."""
+    code, message = _classify(exc, paths)
+    return code, LABELS.get(code, "error"), message
+
+
+def _classify(exc: BaseException, paths: str | None) -> tuple[int, str]:
     if isinstance(exc, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, "interrupted", "interrupted (Ctrl-C); outputs are written atomically, " \
-                                                "so nothing half-written was published; rerun to finish"
+        return EXIT_INTERRUPTED, ("interrupted (Ctrl-C); outputs are written atomically, so nothing "
+                                  "half-written was published; rerun to finish")
     if isinstance(exc, ValidationFailed):
-        return EXIT_VALIDATION_FAILED, "FAILED", str(exc)
+        return EXIT_VALIDATION_FAILED, str(exc)
     if isinstance(exc, (ConfigError, ArtifactError)):
-        return exc.exit_code, "error", str(exc)
+        return exc.exit_code, str(exc)
     pt = _torch_load_path(exc)
     if pt is not None:
-        return EXIT_ARTIFACT, "error", (
+        return EXIT_ARTIFACT, (
             f"{pt}: not a readable twinv2 checkpoint or model ({type(exc).__name__}: {_one_line(exc)}). Expected "
             f"RUN/model.pt or RUN/checkpoints/epoch-NNNN.pt written by `twinv2 train` (loaded with "
             f"torch.load(weights_only=True)); it may be truncated or another kind of file")
     if isinstance(exc, (DataError, TwinV2Error)):
-        return exc.exit_code, "error", str(exc)
+        return exc.exit_code, str(exc)
     if isinstance(exc, _MISSING_PATH):
         if not exc.filename:
-            return EXIT_DATA, "error", _one_line(exc)
-        return EXIT_DATA, "error", (f"{exc.filename}: {exc.strerror or exc} "
-                                    f"({_errno.errorcode.get(exc.errno, '?')}). Expected an existing path of the "
-                                    f"kind the argument names: check --data/--run/--src/--out and the stages run "
-                                    f"before this one")
+            return EXIT_DATA, _one_line(exc)
+        return EXIT_DATA, (f"{exc.filename}: {exc.strerror or exc} ({_errno.errorcode.get(exc.errno, '?')}). "
+                           f"Expected an existing path of the kind the argument names: check "
+                           f"--data/--run/--src/--out and the stages run before this one")
     if isinstance(exc, ValueError):
-        return EXIT_DATA, "error", _one_line(exc)
+        return EXIT_DATA, _one_line(exc)
     if isinstance(exc, OSError):
-        return EXIT_OS, "system error", _os_message(exc, paths)
+        return EXIT_OS, _os_message(exc, paths)
     if isinstance(exc, MemoryError):
-        return EXIT_OS, "system error", ("out of memory; lower the batch sizes in params.yaml (e.g. "
-                                         "validate.batch_rows, cluster.chunk_rows, train.batch_size) or use a "
-                                         "larger machine")
-    return EXIT_INTERNAL, "internal error", (
+        return EXIT_OS, ("out of memory; lower the batch sizes in params.yaml (e.g. validate.batch_rows, "
+                         "cluster.chunk_rows, train.batch_size) or use a larger machine")
+    return EXIT_INTERNAL, (
         f"{type(exc).__name__}: {_one_line(exc)}. This is not a known failure (probably a bug in twinv2); "
         f"rerun with TWINV2_DEBUG=1 for the traceback and report it")
 

@@ -176,7 +176,23 @@ def test_the_repository_params_pass_the_value_checks(params):
 def test_unreadable_input_exits_2(tmp_path):
     r = twinv2("validate", "--data", str(tmp_path / "nosuch"))
     assert r.returncode == EXIT_DATA, r.stderr
-    _one_paragraph(r, "nosuch/raw", "expected")
+    last = _one_paragraph(r, "nosuch/raw", "expected")
+    assert last.startswith("twinv2 validate: data error: "), last       # the class of exit code 2, not "error"
+
+
+def test_each_error_line_names_the_class_of_its_exit_code():
+    """`twinv2 <stage>: <class>: ...` (README "Exit codes"): the label follows the exit code, one per class."""
+    from twinv2.errors import ArtifactError, ConfigError, DataError, describe
+
+    cases = [(ConfigError("c"), EXIT_USAGE, "configuration error"), (DataError("d"), EXIT_DATA, "data error"),
+             (ValueError("v"), EXIT_DATA, "data error"), (FileNotFoundError(2, "gone", "f"), EXIT_DATA, "data error"),
+             (ArtifactError("a"), EXIT_ARTIFACT, "artifact error"), (PermissionError(13, "no", "f"), EXIT_OS,
+             "system error"), (MemoryError(), EXIT_OS, "system error"), (RuntimeError("r"), EXIT_INTERNAL,
+             "internal error"), (KeyboardInterrupt(), EXIT_INTERRUPTED, "interrupted")]
+    for exc, code, label in cases:
+        assert describe(exc)[:2] == (code, label), exc
+    r = twinv2("validate", "--data", "D", "--set", "train.lr=fast")
+    assert _one_paragraph(r).startswith("twinv2 validate: configuration error: "), r.stderr
 
 
 def test_validation_failure_exits_1(tmp_path):
