@@ -132,8 +132,9 @@ def twinv2_daily():
             from airflow.sdk.exceptions import AirflowSkipException
 
             raise AirflowSkipException(f"model {name!r} was not trained in this run: nothing to register")
+        # bind_run: a re-evaluation of the champion logs as a child of this DAG run (register.champion_eval_run)
         rep = common.run_stage(ctx, info["parent"], "register", stage.run, data=info["data"], params=params,
-                                 kwargs={"run": runs[0]["run"], "data": info["data"], "params": params})
+                               bind_run=True, kwargs={"run": runs[0]["run"], "data": info["data"], "params": params})
         tracking.close_parent(info["parent"], {e["model"]: e["run"] for e in evaluated})
         from twinv2.io import write_json
 

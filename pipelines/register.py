@@ -121,8 +121,28 @@ def logged_model_id(c, run_id: str, run: Path) -> str:
             os.environ["MLFLOW_RUN_ID"] = saved
 
 
-def champion_gauc_on(c, version, data: str | Path | None, key: str, scratch: Path, params: dict) -> float:
-    """The champion's test GAUC on the same test data as the challenger (re-evaluated if needed)."""
+def champion_eval_run(c, version, challenger_run: str | None) -> str:
+    """The MLflow run the champion's re-evaluation logs into: a child run (stage evaluate, key champion-v<N>) in
+    the register's context. In a DAG task (register's own run bound as MLFLOW_RUN_ID) it hangs under the DAG
+    run's parent with its dag_id / run_id / try_number; from the CLI under the challenger's training run, with
+    dag_id 'cli'. Found again on a retry (tracking.child_run), never a stray run without a parent."""
+    bound = os.environ.get("MLFLOW_RUN_ID")
+    if bound:
+        t = c.get_run(bound).data.tags
+        ctx = {"dag_id": t.get("dag_id", "cli"), "run_id": t.get("run_id", "cli"), "try_number": t.get("try_number", 1)}
+        parent = t.get("mlflow.parentRunId") or bound
+    else:
+        ctx = tracking.airflow_context(None)
+        parent = challenger_run or tracking.parent_run(ctx)
+    run_id = tracking.child_run(ctx, parent, "evaluate", key=f"champion-v{version.version}")
+    c.set_tag(run_id, "role_in_register", "champion re-evaluation")
+    return run_id
+
+
+def champion_gauc_on(c, version, data: str | Path | None, key: str, scratch: Path, params: dict,
+                     challenger_run: str | None = None) -> float:
+    """The champion's test GAUC on the same test data as the challenger (re-evaluated if needed; that
+    evaluation logs into champion_eval_run when MLflow tracking is on)."""
     if version.tags.get("eval_key") == key and "gauc" in version.tags:
         return float(version.tags["gauc"])
     if data is None:
@@ -135,7 +155,21 @@ def champion_gauc_on(c, version, data: str | Path | None, key: str, scratch: Pat
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(src, work, ignore=shutil.ignore_patterns("metrics.json", "plots"))
-    evaluate.run(data=data, run=work, params=params)
+    saved = os.environ.get("MLFLOW_RUN_ID")
+    eval_run = champion_eval_run(c, version, challenger_run) if tracking.tracking_wanted() else None
+    ok = False
+    try:
+        if eval_run:
+            os.environ["MLFLOW_RUN_ID"] = eval_run             # evaluate logs into it
+        evaluate.run(data=data, run=work, params=params)
+        ok = True
+    finally:
+        if eval_run:
+            if saved is None:
+                os.environ.pop("MLFLOW_RUN_ID", None)
+            else:
+                os.environ["MLFLOW_RUN_ID"] = saved
+            tracking.finish(c, eval_run, ok=ok)
     gauc = test_gauc(read_json(work / "metrics.json"))
     c.set_model_version_tag(version.name, version.version, "eval_key", key)
     c.set_model_version_tag(version.name, version.version, "gauc", repr(gauc))
@@ -212,7 +246,7 @@ def run(run: str | Path, data: str | Path | None = None, params: dict | None = N
         champion_gauc = gauc
     else:
         scratch = run.parent / f".register-{hashlib.md5(str(run).encode()).hexdigest()[:8]}"
-        champion_gauc = champion_gauc_on(c, champ, data, key, scratch, params)
+        champion_gauc = champion_gauc_on(c, champ, data, key, scratch, params, challenger_run=mlflow_run)
         shutil.rmtree(scratch, ignore_errors=True)
         promoted = gauc > champion_gauc + margin
         reason = (f"challenger GAUC {gauc:.4f} {'>' if promoted else '<='} champion v{champ.version} "

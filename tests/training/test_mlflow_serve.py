@@ -93,6 +93,41 @@ def test_runs_carry_params_datasets_system_metrics_and_one_name_per_metric(regis
         assert dup not in m, dup
 
 
+def test_champion_re_evaluation_is_a_child_of_the_dag_run(registered, tmp_path, monkeypatch):
+    """register re-evaluates the champion when its GAUC was measured on other data: that evaluation run hangs
+    under the DAG run's parent with the DAG's tags (issue 32 item 13; was a stray run with neither), and from
+    the CLI under the challenger's training run."""
+    from mlflow import MlflowClient
+
+    from pipelines import register, tracking
+
+    c = MlflowClient(tracking_uri=registered["uri"], registry_uri=registered["uri"])
+    champ = c.get_model_version_by_alias("twinv2", "champion")
+    c.set_model_version_tag("twinv2", champ.version, "eval_key", "other-data")          # measured elsewhere
+    ctx = {"dag_id": "twinv2_daily", "run_id": "manual__2026-12-06", "try_number": 1, "map_index": -1}
+    parent = tracking.parent_run(ctx)
+    reg_run = tracking.child_run(ctx, parent, "register")
+    monkeypatch.setenv("MLFLOW_RUN_ID", reg_run)                      # run_stage(..., bind_run=True)
+    g = register.champion_gauc_on(c, c.get_model_version("twinv2", champ.version), registered["data"], "k1",
+                                  tmp_path / "scratch", registered["params"], challenger_run="unused-in-a-dag")
+    assert g == pytest.approx(registered["register"]["challenger_gauc"])     # the champion is this run
+    exp = c.get_experiment_by_name("twinv2").experiment_id
+    (ev,) = c.search_runs([exp], f"tags.key = 'champion-v{champ.version}'")
+    t = ev.data.tags
+    assert t["mlflow.parentRunId"] == parent and t["dag_id"] == "twinv2_daily" and t["run_id"] == ctx["run_id"]
+    assert t["stage"] == "evaluate" and ev.info.status == "FINISHED" and "gauc" in ev.data.metrics
+    assert os.environ["MLFLOW_RUN_ID"] == reg_run                                 # restored
+    # from the CLI (nothing bound): under the challenger's training run
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    train_id = c.search_runs([exp], "tags.stage = 'train'")[0].info.run_id
+    c.set_model_version_tag("twinv2", champ.version, "eval_key", "other-data-2")
+    register.champion_gauc_on(c, c.get_model_version("twinv2", champ.version), registered["data"], "k2",
+                              tmp_path / "scratch2", registered["params"], challenger_run=train_id)
+    cli = [r for r in c.search_runs([exp], f"tags.key = 'champion-v{champ.version}'")
+           if r.data.tags.get("dag_id") == "cli"]
+    assert len(cli) == 1 and cli[0].data.tags["mlflow.parentRunId"] == train_id
+
+
 def test_champion_loads_by_alias_and_serves_over_http(registered, tmp_path):
     import mlflow
     from mlflow import MlflowClient
