@@ -143,9 +143,9 @@ def test_cache_projection_tables_match_the_linear_maps():
     assert torch.allclose(v, v2, atol=1e-12)
 
 
-def _one_user_many_candidates(name, n_cand=7, L_real=None, seed=4):
+def _one_user_many_candidates(name, n_cand=7, L_real=None, seed=4, extra=None):
     torch.manual_seed(1)
-    m = build_model(name, VOCAB, SMALL).double().eval()
+    m = build_model(name, VOCAB, {**SMALL, **(extra or {})}).double().eval()
     user = make_batch(B=1, L=m.long_len, long_lens=[L_real or m.long_len], seed=seed, clusters=name == "twinv2")
     cands = make_batch(B=n_cand, L=1, seed=seed + 1)["target"]
     for part in ("long", "short"):
@@ -159,16 +159,32 @@ def _one_user_many_candidates(name, n_cand=7, L_real=None, seed=4):
 def test_serving_path_for_one_user_equals_the_training_path():
     """One user's sequences broadcast over candidates (stride 0) take gsu_esu_shared (project once, gather
     projections); the same rows copied per candidate take GSU + gather + ESU re-projection: same scores."""
-    for name in ("twinv2", "twin"):
+    variants = [{}, {"match_mass": True}, {"target_match": ["category", "item"]}]   # mass, per-candidate terms
+    for name, extra in [(n, e) for n in ("twinv2", "twin") for e in variants]:
         for L_real in (None, 3):                                  # more and fewer real rows than topk
-            m, bcast, copied = _one_user_many_candidates(name, L_real=L_real)
+            m, bcast, copied = _one_user_many_candidates(name, L_real=L_real, extra=extra)
             calls = []
             orig = m.long_attn.gsu_esu_shared
             m.long_attn.gsu_esu_shared = lambda *a, **k: calls.append(1) or orig(*a, **k)
             with torch.no_grad():
                 fast, ref = m(bcast), m(copied)
             assert calls == [1], "the broadcast batch must take the shared path, the copied one must not"
-            assert torch.allclose(fast, ref, atol=1e-10), (name, L_real)
+            assert torch.allclose(fast, ref, atol=1e-10), (name, extra, L_real)
             m.build_item_cache()
             with torch.no_grad():
-                assert torch.allclose(m(bcast), ref, atol=1e-10), (name, L_real, "cached")
+                assert torch.allclose(m(bcast), ref, atol=1e-10), (name, extra, L_real, "cached")
+
+
+def test_top_k_keeps_the_k_largest_of_each_row():
+    """attention.top_k (a partial selection on the CPU) against torch.topk: the same set per row."""
+    from twinv2.models.attention import top_k
+
+    g = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    g[3, 10:] = float("-inf")                                       # padding: fewer real rows than k
+    for k in (1, 7, 29, 30, 45):
+        got = top_k(g, min(k, 30))
+        want = torch.topk(g, min(k, 30), dim=1).indices
+        assert got.shape == want.shape
+        assert all(len(set(r.tolist())) == r.numel() for r in got), k                # k distinct rows
+        same = torch.gather(g, 1, got).sort(1).values == torch.gather(g, 1, want).sort(1).values
+        assert same.all(), k                                        # the same values (ties: either row)

@@ -145,6 +145,12 @@ def test_counts_before_with_completion_equal_a_loop():
         sel = (author == a) & (ts < t)
         assert cnt[k] == sel.sum()
         assert abs(csum[k] - np.minimum(comp[sel], 1.0).sum()) < 1e-4
+    # every query after the last row (serving at "now"): the totals path, the same loop
+    late = np.full(200, 41 + rng.integers(1, 1000))
+    cnt2, csum2 = rows.counts_before("author", np.r_[q[:-1], 99], late)       # 99: an id beyond the table
+    for k, a in enumerate(np.r_[q[:-1], 99]):
+        sel = author == a
+        assert cnt2[k] == sel.sum() and abs(csum2[k] - np.minimum(comp[sel], 1.0).sum()) < 1e-4
 
 
 def test_twinv2_with_virtual_mix_reads_the_life_counts():

@@ -251,7 +251,18 @@ class RowFeatures:
             w = np.minimum(self.comp, 1.0) if self.comp is not None else np.ones(len(key))
             cache[field] = (uts, key[order], np.concatenate([[0.0], np.cumsum(w[order], dtype=np.float64)]))
         uts, key, csum = cache[field]
-        base = np.asarray(ids, np.int64) * (len(uts) + 1)
+        ids = np.asarray(ids, np.int64)
+        if len(uts) and len(ids) and float(np.min(ts)) > uts[-1]:    # after every stored row (serving): the
+            if field + "/total" not in cache:                         # id's totals, one gather (same numbers)
+                vals = getattr(self, field).astype(np.int64)
+                w = np.minimum(self.comp, 1.0) if self.comp is not None else np.ones(len(vals))
+                cache[field + "/total"] = (np.bincount(vals).astype(np.int64),
+                                           np.bincount(vals, weights=w.astype(np.float64)))
+            n, c = cache[field + "/total"]
+            ok = (ids >= 0) & (ids < len(n))
+            at = np.where(ok, ids, 0)
+            return np.where(ok, n[at], 0), np.where(ok, c[at], 0.0)
+        base = ids * (len(uts) + 1)
         before = np.searchsorted(uts, np.asarray(ts, np.float64), side="left")    # distinct times < ts
         hi = np.searchsorted(key, base + before, side="left")
         lo = np.searchsorted(key, base, side="left")
