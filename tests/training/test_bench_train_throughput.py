@@ -52,3 +52,6 @@ def test_bench_gpu_script_cpu_path(tmp_path, clustered_ro):
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert res["cuda_available"] in (True, False) and res["device"] == "cpu"
     _check(res["bench_train"])
+    sc = res["bench_score"]                         # the scoring half ran on the same device (was never run)
+    assert "error" not in sc, sc
+    assert sc["one_user"] and sc["batch"] and sc["device"] == "cpu"
