@@ -80,6 +80,11 @@ ROWS = {
     "lr2": {"train.lr": 0.002},                                             # twice the dense learning rate
     "adamw": {"train.optimizer": "adamw", "train.weight_decay": 0.01},      # decoupled weight decay (every parameter)
     "recency": {"model.match_recency": True},                               # + how long ago each target id was last read
+    # large batches (issue 29): every rate scaled with the batch by the square-root rule (sqrt(1024/256) = 2) or
+    # the linear one (4), against default (batch 256); chosen on valid (--choose default,bs1024_sqrt,bs1024_lin)
+    "bs1024_sqrt": {"train.batch_size": 1024, "train.lr": 0.002, "train.user_bias_lr": 0.02},
+    "bs1024_lin": {"train.batch_size": 1024, "train.lr": 0.004, "train.user_bias_lr": 0.04},
+    "bs1024_same": {"train.batch_size": 1024},                              # the rates of batch 256 unchanged
 }
 
 

@@ -113,8 +113,15 @@ def pyfunc_class():
         A request for one user at one time (many candidates) takes the one-user serving path."""
 
         def load_context(self, context):
+            import os
+
+            import torch
+
             from twinv2.training.scoring import RunScorer
 
+            # one request at a time per server worker: one intra-op thread each (scale out with workers);
+            # TWINV2_SERVE_THREADS overrides (on the 2-core VM, 2 OpenMP threads ran one request ~10x slower)
+            torch.set_num_threads(max(1, int(os.environ.get("TWINV2_SERVE_THREADS", "1"))))
             self.scorer = RunScorer(context.artifacts["run_dir"])
 
         def predict(self, context, model_input, params=None):
