@@ -140,13 +140,6 @@ def test_dvc_repro_experiment_show_and_remote(tmp_path):
     assert "up to date" in _sh([*dvc, "status", "dvc.yaml"], clone).lower()
 
 
-STALE_LOCK = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "dvc.lock / dvc_metrics/ predate params.yaml's model.* bias/feedback keys and train.user_bias_lr and the "
-    "generator's current output (raw 9dd95fcd...dir today, ac74fca9...dir locked): issue 32 item 8 stays open "
-    "until `dvc repro` on the default world is rerun and committed; strict, so the regenerated lock turns "
-    "this marker into a failure to remove"))
-
-
 def _stage_params(dvc_yaml: dict) -> dict[str, list[str]]:
     """{stage name as dvc.lock writes it (foreach: 'train@twinv2'): its params.yaml sections}."""
     out = {}
@@ -159,7 +152,6 @@ def _stage_params(dvc_yaml: dict) -> dict[str, list[str]]:
     return out
 
 
-@STALE_LOCK
 def test_dvc_lock_is_current_with_params_yaml():
     """dvc.lock current by construction (issue 32, item 8): every stage of dvc.yaml is locked with exactly the
     params.yaml sections it reads as they are now, and the generate command the lock ran is today's (so
@@ -182,7 +174,6 @@ def test_dvc_lock_is_current_with_params_yaml():
 
 
 @pytest.mark.slow
-@STALE_LOCK
 def test_dvc_lock_raw_hash_is_what_the_generator_makes_now(tmp_path):
     """The raw-data hash dvc.lock records is the DVC hash of what `twinv2 generate` produces today with
     params.yaml's generate section (the same md5-of-the-.dir-listing the MLflow dataset digest uses,
