@@ -5,7 +5,9 @@
    the REST API and wait for it (task logs in airflow_home/logs, shown by `make airflow`'s UI; `--dags-test`:
    in-process `airflow dags test` instead), training TWIN-V2 and TWIN and logging to MLflow
    ($MLFLOW_TRACKING_URI, else sqlite:///mlflow/mlflow.db);
-3. print the metrics table of both models and how to open the Airflow and MLflow UIs.
+3. print the metrics table of both models and how to open the Airflow and MLflow UIs, and write it with the
+   run's date, commit and wall time to RUNS/twinv2_daily/<run>/make_run.md; on the default world with no
+   --set also to docs/results_files/make_run.md (committed: README's figures are that file's, tested).
 
     python -m pipelines.main_job [--preset default] [--data data/world] [--set train.epochs=2 ...]
 """
@@ -59,6 +61,45 @@ def table(runs: dict[str, Path]) -> str:
         vals = [find_metric(m, k) for k, _ in COLUMNS]
         lines.append(f"{model:<10}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in vals))
     return "\n".join(lines)
+
+
+RECORD = REPO_ROOT / "docs" / "results_files" / "make_run.md"
+
+
+def record(runs: dict[str, Path], run_id: str, wall_s: float, commit: str) -> str:
+    """The markdown record of one `make run`: when, which commit, how long, and the metrics table (the text
+    README.md quotes; tests/pipelines/test_make_run_record.py holds the two equal)."""
+    m0 = json.loads(next(iter(runs.values())).joinpath("metrics.json").read_text()) if runs else {}
+    oracle = find_metric(m0, "oracle_auc")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = (f"# Last `make run` on the default world\n\nWritten by `make run` (pipelines/main_job.py) on {when}, "
+            f"commit {commit}, DAG run {run_id}, the job {wall_s:.0f} s (set-up not counted). One seed; test "
+            f"split.\n\n```\n{table(runs)}\n```\n")
+    if oracle is not None:
+        text += f"oracle AUC (the world's p_true on the test split): {oracle:.4f}\n"
+    return text
+
+
+def write_record(run_root: Path, models: list[str], run_id: str, wall_s: float, committed: bool) -> list[Path]:
+    """record() into run_root/make_run.md, and into RECORD (docs/results_files/make_run.md) when `committed`
+    (the default world, no --set) and both models have metrics. Returns the files written."""
+    from twinv2.io import write_text
+
+    text = record({m: run_root / m for m in models}, run_id, wall_s, tracking.git_commit())
+    out = [run_root / "make_run.md"]
+    if committed and models:
+        out.append(RECORD)
+    for f in out:
+        write_text(f, text)
+    return out
+
+
+def table_block(text: str) -> str:
+    """The first ``` block of a markdown text that starts with the metrics table's header."""
+    for b in text.split("```")[1::2]:
+        if b.strip().startswith("model") and "GAUC" in b.strip().splitlines()[0]:
+            return b.strip()
+    raise ValueError("no metrics table block (```model ... GAUC ...```) found")
 
 
 def run_daily(data: Path, runs: Path, home: Path, conf_extra: dict | None = None, timeout: float = 3000) -> str:
@@ -151,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     run_root = runs / "twinv2_daily" / run_id
     models = [m for m in af.get("models", ["twinv2", "twin"]) if (run_root / m / "metrics.json").exists()]
 
-    print(f"[3/3] done in {time.monotonic() - t0:.0f}s; test metrics of run {run_id}:\n", flush=True)
+    wall = time.monotonic() - t0
+    print(f"[3/3] done in {wall:.0f}s; test metrics of run {run_id}:\n", flush=True)
     print(table({m: run_root / m for m in models}))
+    where = write_record(run_root, models, run_id, wall, committed=not overrides and not a.data)
+    print(f"\n(recorded in {', '.join(str(w) for w in where)})")
     reg = json.loads((run_root / "register.json").read_text()) if (run_root / "register.json").exists() else None
     if reg:
         print(f"\n{reg.get('summary', '')}")
