@@ -25,18 +25,24 @@ def _linear_macs(mod) -> int:
     return sum(m.in_features * m.out_features for m in mod.modules() if isinstance(m, nn.Linear))
 
 
-def _attention_macs(att, n_gsu: int, n_esu: int) -> int:
-    """One TwinAttention for one candidate: a GSU scoring n_gsu positions (keys only) and/or an ESU attending
-    n_esu positions (keys, values, softmax pooling), each stage with its own query projection; per position
-    from the module's shapes: key projection d_h x H*dk, cross scalars J x c, cross terms H x J, target-match
-    terms H x F, the score dot H*dk; the ESU adds the value projection (d_h + J*c) x H*dk and the pooling H*dk."""
+def _attention_macs(att, n_gsu: int, n_esu: int, features=None) -> int:
+    """One TwinAttention for one candidate: a GSU scoring n_gsu positions and/or an ESU attending n_esu positions
+    (keys, values, softmax pooling), each stage with its own query projection. The GSU (TwinAttention.gsu_scores)
+    projects the query back to K_h space once (u = (q W^q) W^h: H*dk x d_h), then per position one d_h dot and
+    the target-match terms F, plus the per-id cross scalars of every cross table (n_j x c each, `features`).
+    Per ESU position, from the module's shapes: key projection d_h x H*dk, cross scalars J x c, cross terms
+    H x J, target-match terms H x F, the score dot H*dk, the value projection (d_h + J*c) x H*dk, the pooling."""
     hd = att.w_q.out_features
+    n_match = len(att.match_fields)
     per_key = (att.w_h.in_features * att.w_h.out_features + att.w_c.numel() + att.beta.numel() + hd
                + (att.beta_m.numel() if att.match_fields else 0))
     per_val = att.w_v.in_features * att.w_v.out_features + hd
     query = att.w_q.in_features * att.w_q.out_features
-    stages = (n_gsu > 0) + (n_esu > 0)
-    return stages * query + n_gsu * per_key + n_esu * (per_key + per_val)
+    gsu = 0
+    if n_gsu > 0:
+        tables = sum(e.num_embeddings * e.embedding_dim for e in features.cross) if features is not None else 0
+        gsu = query + hd * att.w_h.in_features + n_gsu * (att.w_h.in_features + n_match) + tables
+    return gsu + (query + n_esu * (per_key + per_val) if n_esu > 0 else 0)
 
 
 def macs_per_candidate(model, params: dict | None = None) -> int | None:
@@ -69,7 +75,7 @@ def macs_per_candidate(model, params: dict | None = None) -> int | None:
     if model.long_source == "none":
         return int(macs)
     if isinstance(model, TWIN):                                             # TWIN / TWIN-V2: one module, 2 stages
-        macs += _attention_macs(model.long_attn, L, kk)
+        macs += _attention_macs(model.long_attn, L, kk, f)
     elif isinstance(model, TwoStage):                                       # own GSU, then the ESU on k'
         macs += _attention_macs(model.long_attn, 0, kk)
         if isinstance(model, SIMSoft):                                      # e'_i . e'_q and the pooled side input

@@ -188,3 +188,24 @@ def test_top_k_keeps_the_k_largest_of_each_row():
         assert all(len(set(r.tolist())) == r.numel() for r in got), k                # k distinct rows
         same = torch.gather(g, 1, got).sort(1).values == torch.gather(g, 1, want).sort(1).values
         assert same.all(), k                                        # the same values (ties: either row)
+
+
+def test_gsu_scores_equal_the_head_mean_of_alpha():
+    """gsu_scores (K_h . u per row, per-id cross scalars; no row projection) == scores(...).mean over heads, with
+    ln n and with target-match terms, and so gsu() keeps the same rows as ranking by the full alpha'."""
+    for use_log_n, match in ((True, ()), (False, ("category", "item"))):
+        torch.manual_seed(3)
+        f = Features(VOCAB, 8, 4, 4).double()
+        a = TwinAttention(f.d_h, f.n_cross, f.cross_dim, 3, 4, use_log_n=use_log_n, match_fields=match).double()
+        if match:
+            torch.nn.init.normal_(a.beta_m)
+        b = make_batch(B=5, L=17, seed=8, clusters=True)
+        b["long"]["log_n"] = b["long"]["log_n"].double()
+        q = f.inherent(b["target"])
+        kp, cs, _ = a.project(b["long"], f, values=False)
+        full = a.scores(a.query(q), kp, cs, b["long"]["log_n"], a.target_match(b["long"], b["target"])).mean(-1)
+        got = a.gsu_scores(q, b["long"], f, b["target"])
+        assert torch.allclose(got.double(), full.double(), atol=1e-5), (use_log_n, match, (got - full).abs().max())
+        idx, _ = a.gsu(q, b["long"], f, 4, b["target"])
+        want = torch.topk(full.masked_fill(~b["long"]["mask"], float("-inf")), 4, dim=1).indices
+        assert (idx.sort(1).values == want.sort(1).values).all()

@@ -154,12 +154,32 @@ class TwinAttention(nn.Module):
     def gsu(self, q_kh: torch.Tensor, seq: dict, features: Features, k: int, target: dict | None = None):
         """Top-k positions by the head-mean of alpha' -> idx (B, k') int64, valid (B, k') bool, k' = min(k, L).
         Padding scores -inf, so it is retrieved only when a row has fewer than k real behaviours."""
-        kp, cs, _ = self.project(seq, features, values=False)
-        a = self.scores(self.query(q_kh), kp, cs, seq["log_n"], self.target_match(seq, target)).mean(-1)  # (B, L)
-        a = a.masked_fill(~seq["mask"], float("-inf"))
+        a = self.gsu_scores(q_kh, seq, features, target).masked_fill(~seq["mask"], float("-inf"))   # (B, L)
         k = min(k, a.shape[1])
         idx = torch.topk(a, k, dim=1).indices                                  # (B, k)
         return idx, torch.gather(seq["mask"], 1, idx)
+
+    @torch.no_grad()
+    def gsu_scores(self, q_kh: torch.Tensor, seq: dict, features: Features, target: dict | None = None):
+        """The GSU's ranking score, the head mean of alpha' (B, L) (padding not masked), without projecting the
+        L rows: mean_h (K_h,l W^h_h) . (q W^q_h) / sqrt(d_k) = K_h,l . u / (H sqrt(d_k)) with u = (q W^q) W^h
+        (B, d_h), one dot product per row instead of a (d_h x H*dk) projection of each of the B*L rows; the
+        cross part reads per-id scalars E_j w_j (one small table per cross feature), the match terms and
+        ln n add their head means. Equal to scores(...).mean(-1) (tests/models/test_attention.py)."""
+        B, L = seq["mask"].shape
+        u = self.query(q_kh).reshape(B, -1).float() @ self.w_h.weight.float()          # (B, d_h)
+        kh = features.inherent(seq).float()                                             # (B, L, d_h)
+        g = torch.bmm(kh, u.unsqueeze(-1)).squeeze(-1) / (self.H * math.sqrt(self.dk))  # (B, L)
+        beta = self.beta.float().mean(0)                                                # (J,)
+        x = seq["cross"]
+        for j, emb in enumerate(features.cross):
+            g = g + (emb.weight.float() @ self.w_c[j].float())[x[..., j]] * beta[j]     # (B, L)
+        match = self.target_match(seq, target)
+        if match is not None:
+            g = g + match @ self.beta_m.float().mean(0)
+        if self.use_log_n:
+            g = g + seq["log_n"].float()
+        return g
 
     @torch.no_grad()
     def gsu_esu_shared(self, q_kh: torch.Tensor, seq: dict, features: Features, k: int,
