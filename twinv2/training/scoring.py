@@ -137,7 +137,8 @@ class RunScorer:
 
     def _group_batches(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray, starts: np.ndarray):
         """Rows sorted by group ((user, ts) runs starting at `starts`) -> per group its batch dict: the group's
-        user row gathered once for all groups, the targets (and life-cycle counts) of all rows at once."""
+        user row gathered once for all groups, the targets of all rows at once, the life-cycle counts per group
+        (the rows of a group share their gap rows)."""
         first = self._samples(users[starts], items[starts], ts[starts])         # one row per group
         n, G = len(users), len(starts)
         grp = np.repeat(np.arange(G), np.diff(np.append(starts, n)))            # (n,) group of each row
@@ -151,9 +152,7 @@ class RunScorer:
             from twinv2.models.layers import check_batch
 
             check_batch(rows, self.model.vocab, self.model.parts())
-        allrows = np.arange(n)
-        target = ds.targets(allrows)
-        life = ds.life_counts(allrows) if ds.life is not None else None
+        target = ds.targets(np.arange(n))
         bounds = np.append(starts, n)
         for g in range(G):
             a, b = int(bounds[g]), int(bounds[g + 1])
@@ -162,8 +161,8 @@ class RunScorer:
                      "long": {k: x[g:g + 1].expand(m, *x.shape[1:]) for k, x in rows["long"].items()},
                      "short": {k: x[g:g + 1].expand(m, *x.shape[1:]) for k, x in rows["short"].items()},
                      "user": torch.from_numpy(users[a:b])}
-            if life is not None:
-                batch["life"] = life[a:b]
+            if ds.life is not None:        # per group: its gap rows are the user's (a (m, gap) table, not (n, max gap))
+                batch["life"] = ds.life_counts(np.arange(a, b))
             yield a, b, batch
 
     def _forward(self, batch: dict) -> np.ndarray:
