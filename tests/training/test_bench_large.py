@@ -9,6 +9,8 @@ import pytest
 
 from bench import bench_large
 
+pytestmark = pytest.mark.slow      # every stage as a child process of the CLI: the full tier (make test)
+
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
