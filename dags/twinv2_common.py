@@ -8,6 +8,7 @@ dags/.airflowignore: the DAG processor does not parse it as a DAG file of its ow
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +24,9 @@ AF: dict[str, Any] = SETTINGS.get("airflow", {})
 DEFAULT_ARGS = {
     "owner": "twinv2",
     "retries": int(AF.get("retries", 2)),
-    "retry_delay": timedelta(seconds=float(AF.get("retry_delay_s", 30))),
+    # params.yaml airflow.retry_delay_s; TWINV2_RETRY_DELAY_S (seconds) overrides it for one deployment (a test
+    # or dev cluster whose failover should not wait 30 s), read where the DAGs are parsed
+    "retry_delay": timedelta(seconds=float(os.environ.get("TWINV2_RETRY_DELAY_S") or AF.get("retry_delay_s", 30))),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=10),
 }

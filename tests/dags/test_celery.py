@@ -31,6 +31,7 @@ from pipelines.celery_services import CeleryCluster, _binary
 pytestmark = pytest.mark.slow
 DAG = "twinv2_daily"
 CONF = {"train_epochs": 1, "n_shards": 4}
+RETRY_DELAY_S = 3          # the DAGs' retry_delay in this cluster (params.yaml: 30 s), via TWINV2_RETRY_DELAY_S
 METRICS = ("auc", "gauc", "logloss")
 
 
@@ -50,6 +51,7 @@ def cluster(tmp_path_factory):
            # a lost worker's task fails after 30 s without heartbeats (default 300 s), checked every 5 s
            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+           "TWINV2_RETRY_DELAY_S": str(RETRY_DELAY_S),                       # the retry starts soon after that
            "TQDM_MININTERVAL": "30"}
     # MLflow in the same PostgreSQL (database mlflow): both workers write runs at the same time
     c = CeleryCluster(root=root, pg_dir=pg_root / "data", extra_env=env, pg_fsync=False, mlflow_in_postgres=True)
@@ -173,6 +175,10 @@ def test_killed_worker_task_retried_on_the_other(cluster, tiny_world_ro, tmp_pat
                                        f"{shard}/tries")["task_instances"]
     by_try = {t["try_number"]: t for t in tries}
     assert by_try[1]["hostname"] == victim and by_try[1]["state"] != "success", tries
+    from datetime import datetime
+
+    gap = (datetime.fromisoformat(by_try[2]["start_date"]) - datetime.fromisoformat(by_try[1]["end_date"]))
+    assert gap.total_seconds() < 30, (gap, "TWINV2_RETRY_DELAY_S did not reach the DAGs (params.yaml's 30 s)")
     shards = [t for t in tis if t["task_id"] == "cluster_shard"]
     assert all(t["state"] == "success" for t in shards) and len(shards) == 4
 
