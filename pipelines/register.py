@@ -155,20 +155,14 @@ def champion_gauc_on(c, version, data: str | Path | None, key: str, scratch: Pat
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(src, work, ignore=shutil.ignore_patterns("metrics.json", "plots"))
-    saved = os.environ.get("MLFLOW_RUN_ID")
     eval_run = champion_eval_run(c, version, challenger_run) if tracking.tracking_wanted() else None
     ok = False
     try:
-        if eval_run:
-            os.environ["MLFLOW_RUN_ID"] = eval_run             # evaluate logs into it
-        evaluate.run(data=data, run=work, params=params)
+        with tracking.bound_run(eval_run):                  # evaluate logs into it
+            evaluate.run(data=data, run=work, params=params)
         ok = True
     finally:
         if eval_run:
-            if saved is None:
-                os.environ.pop("MLFLOW_RUN_ID", None)
-            else:
-                os.environ["MLFLOW_RUN_ID"] = saved
             tracking.finish(c, eval_run, ok=ok)
     gauc = test_gauc(read_json(work / "metrics.json"))
     c.set_model_version_tag(version.name, version.version, "eval_key", key)

@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -326,6 +327,23 @@ def finish(c, run_id: str, ok: bool = True) -> None:
     c.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
+@contextmanager
+def bound_run(run_id: str | None):
+    """$MLFLOW_RUN_ID = run_id inside the block (the stage called there logs into that run), restored after;
+    None: nothing bound."""
+    saved = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        os.environ["MLFLOW_RUN_ID"] = run_id
+    try:
+        yield
+    finally:
+        if run_id:
+            if saved is None:
+                os.environ.pop("MLFLOW_RUN_ID", None)
+            else:
+                os.environ["MLFLOW_RUN_ID"] = saved
+
+
 def run_stage(ctx: dict, parent_id: str, stage: str, fn: Callable[..., dict], kwargs: dict, *, key: str = "",
               data: str | Path | None = None, artifacts: Callable[[dict], list] | list = (),
               params: dict | None = None, tags: dict | None = None, bind_run: bool = False) -> dict:
@@ -339,11 +357,9 @@ def run_stage(ctx: dict, parent_id: str, stage: str, fn: Callable[..., dict], kw
         c.set_tag(run_id, k, str(v))
     if params:
         log_params(c, run_id, stage_params(params, stage) or params)
-    saved = os.environ.get("MLFLOW_RUN_ID")
     try:
-        if bind_run:
-            os.environ["MLFLOW_RUN_ID"] = run_id
-        report = fn(**kwargs)
+        with bound_run(run_id if bind_run else None):
+            report = fn(**kwargs)
     except Exception as e:
         err = {"error": type(e).__name__, "message": str(e)}
         extra = getattr(e, "report", None)
@@ -357,12 +373,6 @@ def run_stage(ctx: dict, parent_id: str, stage: str, fn: Callable[..., dict], kw
         c.set_tag(parent_id, "failed_stage", stage)
         c.set_tag(parent_id, "error", f"{stage}: {type(e).__name__}: {e}"[:5000])
         raise
-    finally:
-        if bind_run:
-            if saved is None:
-                os.environ.pop("MLFLOW_RUN_ID", None)
-            else:
-                os.environ["MLFLOW_RUN_ID"] = saved
     report = report if isinstance(report, dict) else {"result": report}
     log_metrics(c, run_id, report)
     log_json(c, run_id, f"{stage}.json", report)
