@@ -308,6 +308,18 @@ def test_life_counts_equal_a_loop_over_every_cluster_and_the_gap_rows(tmp_path, 
                      np.sum(hi == t)]
             np.testing.assert_allclose(got[i, :3], np.log1p(exact), rtol=1e-5)
             np.testing.assert_allclose(got[i, -2], np.log1p(len(h)), rtol=1e-5)
+    # the one-(user, ts) path (serving; a group of the batch path) equals the per-sample one: every impression's
+    # target scored at sample i's user and ts, at once and one by one (B = 1 takes the general path)
+    every = np.arange(len(imp))
+    ti = ds.samples.item
+    tg = {"item": ti, "author": vocab.item_author[ti], "category": vocab.item_category[ti]}
+    glo, ghi = ds.gap_bounds(every)
+    for i in range(min(len(imp), 6)):
+        rep = np.full(len(imp), i)
+        one = ds.life.features(ds.samples.cidx[rep], tg, ds.raw, glo[rep], ghi[rep])
+        each = np.concatenate([ds.life.features(ds.samples.cidx[i:i + 1], {k: v[j:j + 1] for k, v in tg.items()},
+                                                ds.raw, glo[i:i + 1], ghi[i:i + 1]) for j in every])
+        np.testing.assert_allclose(one, each, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("long_len", [2, 5, None])

@@ -272,6 +272,8 @@ class LifeCounts:
                  ghi: np.ndarray) -> np.ndarray:
         """(B, 4F + 2) float32, the formula of base.match_counts over clusters + gap rows [glo, ghi)."""
         B = len(cidx)
+        if B > 1 and (cidx == cidx[0]).all() and (glo == glo[0]).all() and (ghi == ghi[0]).all():
+            return self._one_user(int(cidx[0]), target, raw, int(glo[0]), int(ghi[0]))
         ok = cidx >= 0
         u = np.where(ok, cidx, 0)
         N = np.where(ok, self.N[u] if len(self.N) else 0.0, 0.0)
@@ -291,6 +293,45 @@ class LifeCounts:
             hit = m & (getattr(raw, f)[safe] == target[f][:, None]) if len(raw.item) else m
             C[:, k] = n + hit.sum(1)
             D[:, k] = c + np.where(hit, gc, 0.0).sum(1)
+        return self._formula(C, D, N, P)
+
+    @staticmethod
+    def _formula(C: np.ndarray, D: np.ndarray, N, P) -> np.ndarray:
+        """Counts C, completion sums D (B, F) and the totals N, P ((B,) or scalars) -> (B, 4F + 2) float32."""
+        B = len(C)
+        N, P = np.broadcast_to(np.asarray(N, np.float64), (B,)), np.broadcast_to(np.asarray(P, np.float64), (B,))
         out = [np.log1p(C), C / np.maximum(N, 1e-6)[:, None], np.log1p(D), D / np.maximum(P, 1e-6)[:, None],
                np.log1p(N)[:, None], (P / np.maximum(N, 1.0))[:, None]]
         return np.concatenate(out, axis=1).astype(np.float32)
+
+    def _one_user(self, c: int, target: dict, raw: RowFeatures, glo: int, ghi: int) -> np.ndarray:
+        """features() of B candidates of ONE (user, ts) (serving, and each group of the batch path): the user's
+        keys are one contiguous run of each sorted table and its gap rows are shared, so every candidate is a
+        binary search in the user's few ids instead of a search of all users' keys and a (B, gap) table."""
+        B = len(target["item"])
+        ok = c >= 0
+        N = float(self.N[c]) if ok and len(self.N) else 0.0
+        P = float(self.P[c]) if ok and len(self.P) else 0.0
+        rows = slice(glo, ghi) if len(raw.item) else slice(0, 0)
+        gc = raw.comp[rows].astype(np.float64) if raw.comp is not None else np.ones(ghi - glo if len(raw.item) else 0)
+        N, P = N + len(gc), P + gc.sum()
+        C, D = np.zeros((B, len(MIX_FIELDS))), np.zeros((B, len(MIX_FIELDS)))
+        for k, f in enumerate(MIX_FIELDS):
+            t = np.asarray(target[f], np.int64)
+            V, uk, n, cs = self.tables[f]
+            if ok and len(uk):                              # the user's (id, n, c) of every cluster, ids sorted
+                lo, hi = np.searchsorted(uk, [c * V, (c + 1) * V])
+                ids, n_u, c_u = uk[lo:hi] - c * V, n[lo:hi], cs[lo:hi]
+                at = np.clip(np.searchsorted(ids, t), 0, max(len(ids) - 1, 0))
+                hit = (t < V) & (ids[at] == t) if len(ids) else np.zeros(B, bool)
+                C[:, k] = np.where(hit, n_u[at] if len(ids) else 0.0, 0.0)
+                D[:, k] = np.where(hit, c_u[at] if len(ids) else 0.0, 0.0)
+            if len(gc):                                     # the gap rows: count and completion per id
+                g_ids, inv = np.unique(getattr(raw, f)[rows], return_inverse=True)
+                g_n = np.bincount(inv, minlength=len(g_ids)).astype(np.float64)
+                g_c = np.bincount(inv, weights=gc, minlength=len(g_ids))
+                at = np.clip(np.searchsorted(g_ids, t), 0, len(g_ids) - 1)
+                hit = g_ids[at] == t
+                C[:, k] += np.where(hit, g_n[at], 0.0)
+                D[:, k] += np.where(hit, g_c[at], 0.0)
+        return self._formula(C, D, N, P)
