@@ -312,3 +312,19 @@ def test_bad_preset_and_knob_are_named():
         make_config("tiny", {"dormant_wieght": 2})
     with pytest.raises(ValueError, match="length_median"):
         make_config("tiny", {"length_median": 5_000})
+
+
+def test_logit_parts_add_up_to_p_true():
+    """The parts bench_oracle_gap reads are the logit of p_true term by term (label_bias + the parts), and the
+    recent-only parts give p_recent: a regrouping of the same draws, not a second generator."""
+    w, users = _users()
+    cfg = w.cfg
+    for _, imp, st in users:
+        parts = st["parts"]
+        logit = cfg.label_bias + sum(parts[k] for k in ("interest", "pop", "quality", "user_bias", "noise"))
+        np.testing.assert_allclose(1 / (1 + np.exp(-logit)), imp["p_true"], rtol=1e-5, atol=1e-6)
+        recent = logit - parts["interest"] + parts["interest_recent"]
+        np.testing.assert_allclose(1 / (1 + np.exp(-recent)), st["p_recent"], rtol=1e-5, atol=1e-6)
+        assert (parts["interest_recent"] <= parts["interest"] + 1e-12).all()
+        assert np.all((parts["top_kind"] == -1) == (parts["interest"] == 0))
+        assert np.unique(parts["user_bias"]).size == 1

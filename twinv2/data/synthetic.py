@@ -349,15 +349,24 @@ class World:
         s_all = (g * cos).max(0)
         g_recent = np.where((it.kind == DORMANT)[:, None], 0.0, g)
         s_recent = (g_recent * cos).max(0)
-        base = (cfg.label_bias + cfg.pop_coef * self.z_pop[item] + cat.quality[item]
-                + cfg.user_bias_sd * rng.standard_normal() + cfg.noise_sd * rng.standard_normal(n))
+        user_bias = cfg.user_bias_sd * rng.standard_normal()
+        noise = cfg.noise_sd * rng.standard_normal(n)
+        base = cfg.label_bias + cfg.pop_coef * self.z_pop[item] + cat.quality[item] + user_bias + noise
         p = 1 / (1 + np.exp(-(base + cfg.label_scale * s_all)))
         p_recent = 1 / (1 + np.exp(-(base + cfg.label_scale * s_recent)))
         label = (rng.random(n) < p).astype(np.int8)
         split = np.where(ts < cfg.train_end_ms, "train", np.where(ts < cfg.valid_end_ms, "valid", "test"))
         imp = {"user_id": np.full(n, uid, np.int64), "item_id": cat.item_id[item], "ts": ts.astype(np.int64),
                "label": label, "split": split, "p_true": p.astype(np.float32)}
-        return imp, {"p_recent": p_recent.astype(np.float32)}
+        # the logit of p_true term by term (logit = bias + sum of the parts; bench/bench_oracle_gap.py), and the
+        # kind of the interest that sets S (-1: S = 0, no active interest is near the item)
+        top = (g * cos).argmax(0)
+        parts = {"interest": cfg.label_scale * s_all, "interest_recent": cfg.label_scale * s_recent,
+                 "pop": cfg.pop_coef * self.z_pop[item].astype(np.float64), "quality": cat.quality[item].astype(np.float64),
+                 "user_bias": np.full(n, user_bias), "noise": noise,
+                 "top_kind": np.where(s_all > 0, it.kind[top], -1).astype(np.int8),
+                 "from_interest": from_interest}
+        return imp, {"p_recent": p_recent.astype(np.float32), "parts": parts}
 
     def users(self) -> Iterator[tuple[dict, dict, dict]]:
         for uid in range(1, self.cfg.n_users + 1):
