@@ -362,7 +362,8 @@ class World:
         # kind of the interest that sets S (-1: S = 0, no active interest is near the item)
         top = (g * cos).argmax(0)
         parts = {"interest": cfg.label_scale * s_all, "interest_recent": cfg.label_scale * s_recent,
-                 "pop": cfg.pop_coef * self.z_pop[item].astype(np.float64), "quality": cat.quality[item].astype(np.float64),
+                 "pop": cfg.pop_coef * self.z_pop[item].astype(np.float64),
+                 "quality": cat.quality[item].astype(np.float64),
                  "user_bias": np.full(n, user_bias), "noise": noise,
                  "top_kind": np.where(s_all > 0, it.kind[top], -1).astype(np.int8),
                  "from_interest": from_interest}
