@@ -215,8 +215,8 @@ class TwinAttention(nn.Module):
         row = cs[0].float() @ self.beta.float().T                              # (L, H) cross part of alpha'
         if self.use_log_n:
             row = row + seq["log_n"][0].float().unsqueeze(-1)
-        a = torch.bmm(qp.transpose(0, 1), kp[0].permute(1, 2, 0)).float()      # (H, B, L) K_l . q per head
-        a = a / math.sqrt(self.dk) + row.T.unsqueeze(1)                        # alpha' (H, B, L)
+        q = (qp.float() / math.sqrt(self.dk)).transpose(0, 1)                  # (H, B, dk), scaled once
+        a = torch.baddbmm(row.T.unsqueeze(1), q, kp[0].float().permute(1, 2, 0)).float()   # alpha' (H, B, L), one pass
         if k < L:
             g = a.mean(0).masked_fill(~m0, float("-inf"))                      # (B, L) the GSU's head mean
             idx = top_k(g, k).unsqueeze(0).expand(self.H, -1, -1)              # (H, B, k)
