@@ -85,6 +85,14 @@ ROWS = {
     "bs1024_sqrt": {"train.batch_size": 1024, "train.lr": 0.002, "train.user_bias_lr": 0.02},
     "bs1024_lin": {"train.batch_size": 1024, "train.lr": 0.004, "train.user_bias_lr": 0.04},
     "bs1024_same": {"train.batch_size": 1024},                              # the rates of batch 256 unchanged
+    # the older rounds' adopted levers, each taken out of today's default alone (issue 30 item 1: re-checked on
+    # valid; --choose default,ROW keeps the default unless ROW's mean valid score is higher)
+    "train_author": {"model.frozen_tables": ["item"]},                      # the author table trained
+    "train_tables": {"model.frozen_tables": []},                            # item and author tables trained
+    "random_init": {"model.item_init": "random"},                           # item table from N(0, std), not cooc
+    "no_item_author_bias": {"model.item_bias": False, "model.author_bias": False},   # user bias kept
+    "no_match_counts": {"model.match_counts": []},                          # no id-match counts in the head
+    "no_target_pop": {"model.target_pop": False},                           # no target popularity bucket
 }
 
 

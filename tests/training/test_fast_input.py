@@ -27,7 +27,8 @@ def assert_same(a: dict, b: dict, path=""):
             assert torch.equal(x, y), path + k
 
 
-MODELS = [("twinv2", {}), ("twinv2", {"watermark_gap": False, "virtual_mix": 0}), ("twinv2", {"twin_window": 0}),
+MODELS = [("twinv2", {}), ("twinv2", {"target_pop": True}), ("twinv2", {"watermark_gap": False, "virtual_mix": 0}),
+          ("twinv2", {"twin_window": 0}),
           ("twin", {}), ("twin", {"short_len": 0}), ("din", {}), ("avg_pool", {})]
 
 

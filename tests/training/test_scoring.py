@@ -22,7 +22,7 @@ def runs(planted_ro, params, tmp_path_factory):
     from tests.training.conftest import SMALL_MODEL
 
     p = copy.deepcopy(params)
-    p["model"].update(SMALL_MODEL, user_feedback=True)
+    p["model"].update(SMALL_MODEL, user_feedback=True, target_pop=True)      # every head input the fast path builds
     p["train"].update(lr=0.005, batch_size=128, epochs=1, patience=10, progress=False, num_workers=0)
     out = {}
     for name in ("twinv2", "twin"):
