@@ -42,7 +42,7 @@ def main() -> None:
         world = Path(data) if data else bench_train.build_world(work, "tiny" if quick else "default")
         tr = bench_train.run(world, device, quick, work,
                              batch_sizes=None if quick else [256, 1024, 4096, 16384],
-                             epochs=1, reps=1)
+                             epochs=1, reps=1, compile_=[16] if quick else [4096])   # torch.compile, one size
         res["bench_train"] = tr
         print(bench_train.table(tr), file=sys.stderr)
         res["bench_score"] = score(world, device, quick, work)

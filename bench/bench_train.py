@@ -105,46 +105,68 @@ def _peak_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(model, batch, device, steps: int) -> dict:
+def time_steps(model, batch, device, steps: int, compiled: bool = False) -> dict:
+    """Median step (forward, backward, optimizer) on one resident batch; `compiled`: through torch.compile
+    (inductor, static shapes), its first step (the compilation) timed apart as compile_s."""
     from twinv2.training.loop import TrainConfig, autocast, make_optimizer
 
     model = model.to(device).train()
     model.check_inputs = False
     opt = make_optimizer(model, TrainConfig(lr=1e-3))
+    fwd = torch.compile(model, dynamic=False) if compiled else model
     from twinv2.training.samples import to_device
 
     b = to_device(batch, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, first = [], 0.0
     for step in range(steps + 1):
         sync(device)
         t0 = time.perf_counter()
         with autocast(device):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b).float(), b["label"])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(fwd(b).float(), b["label"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sync(device)
         if step:
             times.append(time.perf_counter() - t0)
+        else:
+            first = time.perf_counter() - t0
     med = statistics.median(times)
     n = len(batch["label"])
-    return {"batch_size": n, "steps": steps, "step_ms": 1e3 * med, "samples_per_s": n / med,
-            "peak_mem_mib": _peak_mib(device)}
+    out = {"batch_size": n, "steps": steps, "step_ms": 1e3 * med, "samples_per_s": n / med,
+           "peak_mem_mib": _peak_mib(device)}
+    return {**out, "compile_s": first} if compiled else out
 
 
-def model_steps(world, name: str, params: dict, batch_sizes, steps: int, device) -> list[dict]:
+def compiled_steps(model, batch, device, steps: int) -> dict:
+    """time_steps through torch.compile, or the error that stopped it (no compiler, no triton, ...)."""
+    try:
+        return time_steps(model, batch, device, steps, compiled=True)
+    except Exception as e:  # noqa: BLE001 - a benchmark row records why compilation failed
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
+
+def model_steps(world, name: str, params: dict, batch_sizes, steps: int, device, compile_=False) -> list[dict]:
+    """Per batch size: the eager step and, with compile_ (True: every size; a list: those sizes), the same model
+    (same init, same batch) compiled."""
     from pipelines.train import build
 
     ds = world.dataset(world.samples("train"), build(name, world.vocab, params))
     rows = []
     for bs in batch_sizes:
         bs = min(int(bs), len(ds))
-        torch.manual_seed(0)
-        model = build(name, world.vocab, params)
         idx = np.random.default_rng(0).permutation(len(ds))[:bs]
-        rows.append({"model": name, **time_steps(model, ds[idx], device, steps)})
+        torch.manual_seed(0)
+        row = {"model": name, **time_steps(build(name, world.vocab, params), ds[idx], device, steps)}
+        if compile_ is True or (compile_ and bs in compile_):
+            torch.manual_seed(0)
+            c = compiled_steps(build(name, world.vocab, params), ds[idx], device, steps)
+            row["compiled"] = c
+            if "step_ms" in c:
+                row["compile_speedup"] = row["step_ms"] / c["step_ms"]
+        rows.append(row)
     return rows
 
 
@@ -200,7 +222,8 @@ def end_to_end(data: Path, name: str, params: dict, epochs: int, device, work: P
 
 
 def run(data: Path | None, device: torch.device, quick: bool, work: Path, preset: str = "default",
-        batch_sizes=None, lengths=None, steps: int = 5, epochs: int = 1, reps: int = 1, n_batches: int = 40) -> dict:
+        batch_sizes=None, lengths=None, steps: int = 5, epochs: int = 1, reps: int = 1, n_batches: int = 40,
+        compile_: bool = False) -> dict:
     from twinv2.models import REGISTRY
     from twinv2.training.world import load_world
     from pipelines.train import build
@@ -227,7 +250,7 @@ def run(data: Path | None, device: torch.device, quick: bool, work: Path, preset
         model = build(name, world.vocab, params)
         assert getattr(REGISTRY[name], "long_source", "raw") == model.long_source
         res["input"][name] = input_pipeline(world, model, params, n_batches)
-        res["step"] += model_steps(world, name, params, batch_sizes, steps, device)
+        res["step"] += model_steps(world, name, params, batch_sizes, steps, device, compile_)
     res["lengths"] = length_steps(lengths, 8 if device.type == "cpu" and not quick else (2 if quick else 64),
                                   steps, 10, device)
     for name in MODELS:
@@ -249,8 +272,12 @@ def table(res: dict) -> str:
     lines += ["", "model step on a resident batch of the world",
               f"{'model':8} {'batch':>6} {'step ms':>9} {'samples/s':>11} {'peak MiB':>9}"]
     for r in res["step"]:
+        c = r.get("compiled")
+        comp = "" if c is None else (f"   compiled: {c['error']}" if "error" in c else
+                                     f"   compiled: {c['step_ms']:.1f} ms ({r['compile_speedup']:.2f}x), "
+                                     f"compile {c['compile_s']:.1f} s")
         lines.append(f"{r['model']:8} {r['batch_size']:>6} {r['step_ms']:>9.1f} {r['samples_per_s']:>11,.0f} "
-                     f"{r['peak_mem_mib']:>9,.0f}")
+                     f"{r['peak_mem_mib']:>9,.0f}{comp}")
     lines += ["", "model step at the large world's lengths (synthetic batches; TWIN-V2 reads N / 10 clusters)",
               f"{'model':8} {'history':>8} {'long_len':>8} {'batch':>6} {'step ms':>9} {'samples/s':>11}"]
     for r in res["lengths"]:
@@ -281,13 +308,15 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--reps", type=int, default=1, help="old/new end-to-end pairs (medians)")
+    ap.add_argument("--compile", action="store_true", help="also time each model step through torch.compile "
+                    "(same init and batch; the compilation timed apart)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_train.json"))
     a = ap.parse_args(argv)
     device = pick_device(a.device)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work) if a.work else Path(tmp)
         res = run(Path(a.data) if a.data else None, device, a.quick, work, a.preset, a.batch_sizes, a.lengths,
-                  a.steps, a.epochs, a.reps)
+                  a.steps, a.epochs, a.reps, compile_=a.compile)
     res["command"] = "python -m bench.bench_train " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(a.out, res)
     text = table(res)

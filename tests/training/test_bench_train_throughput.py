@@ -55,3 +55,28 @@ def test_bench_gpu_script_cpu_path(tmp_path, clustered_ro):
     sc = res["bench_score"]                         # the scoring half ran on the same device (was never run)
     assert "error" not in sc, sc
     assert sc["one_user"] and sc["batch"] and sc["device"] == "cpu"
+
+
+def test_compiled_step_row(clustered_ro):
+    """--compile: each step row also times the same model (same init, same batch) through torch.compile and
+    keeps the compilation's time apart; a failure to compile would be recorded as the row's error, and here
+    (gcc present, CPU inductor) there is none."""
+    import torch
+
+    from tests.training.conftest import SMALL_MODEL
+    from twinv2.config import load_params
+    from twinv2.training.world import load_world
+
+    p = load_params()
+    p["model"].update(SMALL_MODEL)
+    w = load_world(clustered_ro, need_clusters=True, features=p["train"].get("features"))
+    (row,) = bench_train.model_steps(w, "twinv2", p, [16], 2, torch.device("cpu"), compile_=True)
+    c = row["compiled"]
+    assert "error" not in c, c
+    assert c["step_ms"] > 0 and c["compile_s"] > 0 and row["compile_speedup"] > 0
+    assert "compiled:" in bench_train.table({**_empty(), "step": [row]})
+
+
+def _empty() -> dict:
+    return {"device": "cpu", "precision": "fp32", "torch": "x", "cpu_threads": 1, "data": "d", "input": {},
+            "step": [], "lengths": [], "end_to_end": {}}
