@@ -194,12 +194,15 @@ def length_steps(lengths, batch_size: int, steps: int, compression: int, device)
 CONFIGS = {"old": {"fast_batches": False, "prefetch": 0}, "new": {"fast_batches": True, "prefetch": 2}}
 
 
-def end_to_end(data: Path, name: str, params: dict, epochs: int, device, work: Path, reps: int) -> dict:
+def end_to_end(data: Path, name: str, params: dict, epochs: int, device, work: Path, reps: int,
+               compiled: bool = False) -> dict:
+    """`twinv2 train` with the old and new input paths (and, with `compiled`, new + train.compile), alternating."""
     from pipelines import train
 
+    configs = {**CONFIGS, "compiled": {**CONFIGS["new"], "compile": True}} if compiled else CONFIGS
     out = {}
     for rep in range(reps):
-        for cfg, over in CONFIGS.items():
+        for cfg, over in configs.items():
             p = copy.deepcopy(params)
             p["train"].update(over, epochs=epochs, patience=epochs, progress=False, device=device.type)
             t = time.perf_counter()
@@ -209,12 +212,15 @@ def end_to_end(data: Path, name: str, params: dict, epochs: int, device, work: P
             out.setdefault(cfg, []).append({"train_samples_per_s": statistics.median(sps), "wall_s": wall,
                                             "best_valid_gauc": rep_["best_valid_gauc"]})
     res = {"model": name, "epochs": epochs, "batch_size": int(params["train"]["batch_size"]), "reps": reps}
-    for cfg in CONFIGS:
+    for cfg in configs:
         res[cfg] = {"train_samples_per_s": statistics.median(r["train_samples_per_s"] for r in out[cfg]),
                     "wall_s": statistics.median(r["wall_s"] for r in out[cfg]),
                     "best_valid_gauc": [r["best_valid_gauc"] for r in out[cfg]], "runs": out[cfg]}
     res["speedup"] = res["new"]["train_samples_per_s"] / res["old"]["train_samples_per_s"]
     res["same_valid_gauc"] = res["old"]["best_valid_gauc"] == res["new"]["best_valid_gauc"]
+    if compiled:
+        res["compiled_speedup"] = res["compiled"]["train_samples_per_s"] / res["new"]["train_samples_per_s"]
+        res["compiled_wall_ratio"] = res["new"]["wall_s"] / res["compiled"]["wall_s"]
     return res
 
 
@@ -254,7 +260,7 @@ def run(data: Path | None, device: torch.device, quick: bool, work: Path, preset
     res["lengths"] = length_steps(lengths, 8 if device.type == "cpu" and not quick else (2 if quick else 64),
                                   steps, 10, device)
     for name in MODELS:
-        res["end_to_end"][name] = end_to_end(data, name, params, epochs, device, work, reps)
+        res["end_to_end"][name] = end_to_end(data, name, params, epochs, device, work, reps, bool(compile_))
     res["wall_s"] = time.perf_counter() - t_all
     return res
 
@@ -293,6 +299,11 @@ def table(res: dict) -> str:
         lines.append(f"{m:8} {r['epochs']:>6} {r['old']['train_samples_per_s']:>14,.0f} "
                      f"{r['new']['train_samples_per_s']:>14,.0f} {r['speedup']:>6.2f} {r['old']['wall_s']:>11.1f} "
                      f"{r['new']['wall_s']:>11.1f} {str(r['same_valid_gauc']):>9}")
+        if "compiled" in r:
+            c = r["compiled"]
+            lines.append(f"{'':8} {'':>6} new + train.compile: {c['train_samples_per_s']:,.0f} samples/s "
+                         f"({r['compiled_speedup']:.2f}x new), wall {c['wall_s']:.1f} s "
+                         f"({r['compiled_wall_ratio']:.2f}x), best valid GAUC {c['best_valid_gauc']}")
     return "\n".join(lines)
 
 

@@ -42,6 +42,8 @@ class TrainConfig:
     user_bias_lr: float | None = None    # the user-bias table's own rate (~100 samples per row, not ~2); None: bias_lr
     prefetch: int = 2                # batches built ahead by a background thread (twinv2.training.prefetch); 0: off
     fast_batches: bool = True        # SampleSet's fast batch path (fastbatch); false: the reference assembly (same tensors)
+    compile: bool = False            # the training forward through torch.compile (inductor); the first batch (its
+                                     # input checks) and evaluation stay eager (bench_train --compile measures it)
 
     @classmethod
     def from_params(cls, p: dict) -> "TrainConfig":
@@ -151,6 +153,7 @@ def fit(model: torch.nn.Module, train_loader, valid_loader, cfg: TrainConfig, ck
     for ld in (train_loader, valid_loader):
         if hasattr(getattr(ld, "dataset", None), "fast"):
             ld.dataset.fast = bool(cfg.fast_batches)
+    fwd = torch.compile(model) if cfg.compile else model     # recompiles once for a last, smaller batch
     t_start = time.perf_counter()
     n_seen = 0
     while state["epoch"] < cfg.epochs and not state["stopped"]:
@@ -164,7 +167,7 @@ def fit(model: torch.nn.Module, train_loader, valid_loader, cfg: TrainConfig, ck
         every = max(cfg.log_every, 1)
         for b in prefetch(train_loader, cfg.prefetch, device):
             with autocast(device):
-                logit = model(b)
+                logit = (model if getattr(net, "check_inputs", False) else fwd)(b)   # checked batch: eager
             loss = F.binary_cross_entropy_with_logits(logit.float(), b["label"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
