@@ -28,8 +28,9 @@ def _linear_macs(mod) -> int:
 def _attention_macs(att, n_gsu: int, n_esu: int, features=None) -> int:
     """One TwinAttention for one candidate: a GSU scoring n_gsu positions and/or an ESU attending n_esu positions
     (keys, values, softmax pooling), each stage with its own query projection. The GSU (TwinAttention.gsu_scores)
-    projects the query back to K_h space once (u = (q W^q) W^h: H*dk x d_h), then per position one d_h dot and
-    the target-match terms F, plus the per-id cross scalars of every cross table (n_j x c each, `features`).
+    projects the query back to K_h space once (u = (q W^q) W^h: H*dk x d_h), then per position one d_h dot (a
+    K_h table with no more rows than positions: its n_f x d_f rows . u once instead) and the target-match terms F,
+    plus the per-id cross scalars of every cross table (n_j x c each, `features`).
     Per ESU position, from the module's shapes: key projection d_h x H*dk, cross scalars J x c, cross terms
     H x J, target-match terms H x F, the score dot H*dk, the value projection (d_h + J*c) x H*dk, the pooling."""
     hd = att.w_q.out_features
@@ -41,7 +42,13 @@ def _attention_macs(att, n_gsu: int, n_esu: int, features=None) -> int:
     gsu = 0
     if n_gsu > 0:
         tables = sum(e.num_embeddings * e.embedding_dim for e in features.cross) if features is not None else 0
-        gsu = query + hd * att.w_h.in_features + n_gsu * (att.w_h.in_features + n_match) + tables
+        # K_h . u table by table: a table with no more rows than positions is projected whole (n_f x d_f), the
+        # others per position (d_f each)
+        inherent = [(e.num_embeddings, e.embedding_dim) for _, e in features.tables()] if features is not None \
+            else [(n_gsu + 1, att.w_h.in_features)]
+        small = sum(n * d for n, d in inherent if n <= n_gsu)
+        per_row = sum(d for n, d in inherent if n > n_gsu)
+        gsu = query + hd * att.w_h.in_features + n_gsu * (per_row + n_match) + small + tables
     return gsu + (query + n_esu * (per_key + per_val) if n_esu > 0 else 0)
 
 

@@ -85,12 +85,14 @@ def test_macs_per_candidate_match_the_flop_counter(name, p):
 
 
 def test_macs_grow_with_the_lengths_read():
-    base = macs_per_candidate(build_model("twinv2", VOCAB, WIDE))
-    longer = macs_per_candidate(build_model("twinv2", VOCAB, {**WIDE, "twin_window": 600}))
-    more_k = macs_per_candidate(build_model("twinv2", VOCAB, {**WIDE, "topk": 100}))
+    vocab = {**VOCAB, "item": 5000}             # the item table larger than any length read; the side tables not
+    base = macs_per_candidate(build_model("twinv2", vocab, WIDE))
+    longer = macs_per_candidate(build_model("twinv2", vocab, {**WIDE, "twin_window": 600}))
+    more_k = macs_per_candidate(build_model("twinv2", vocab, {**WIDE, "topk": 100}))
     assert base < more_k and base < longer
-    m = build_model("twinv2", VOCAB, WIDE)      # 300 more GSU positions: one d_h dot (+ match terms) each
-    assert longer - base == 300 * (m.features.d_h + len(m.long_attn.match_fields))
+    m = build_model("twinv2", vocab, WIDE)      # 300 more GSU positions: one item-embedding dot (+ match terms)
+    assert longer - base == 300 * (m.features.item.embedding_dim + len(m.long_attn.match_fields))   # each; the
+    #                                            small tables are projected whole once, whatever the length
     with pytest.raises(ValueError, match=r"built with topk 50, params model\.topk is 100"):
         macs_per_candidate(build_model("twinv2", VOCAB, WIDE), {"model": {**WIDE, "topk": 100}})
     assert macs_per_candidate(object()) is None                       # not a neural model (gbdt)

@@ -168,8 +168,17 @@ class TwinAttention(nn.Module):
         ln n add their head means. Equal to scores(...).mean(-1) (tests/models/test_attention.py)."""
         B, L = seq["mask"].shape
         u = self.query(q_kh).reshape(B, -1).float() @ self.w_h.weight.float()          # (B, d_h)
-        kh = features.inherent(seq).float()                                             # (B, L, d_h)
-        g = torch.bmm(kh, u.unsqueeze(-1)).squeeze(-1) / (self.H * math.sqrt(self.dk))  # (B, L)
+        g, off = None, 0
+        for name, emb in features.tables():             # K_h . u table by table: no (B, L, d_h) concatenation
+            d = emb.embedding_dim
+            uf = u[:, off:off + d]                                                      # (B, d_f)
+            off += d
+            if emb.num_embeddings <= L:                 # a small table: its rows . u, then one gather
+                part = (uf @ emb.weight.float().T).gather(1, seq[name])                # (B, n_f) -> (B, L)
+            else:
+                part = torch.bmm(emb(seq[name]).float(), uf.unsqueeze(-1)).squeeze(-1)  # (B, L)
+            g = part if g is None else g + part
+        g = g / (self.H * math.sqrt(self.dk))                                           # (B, L)
         beta = self.beta.float().mean(0)                                                # (J,)
         x = seq["cross"]
         for j, emb in enumerate(features.cross):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from twinv2.models.attention import TwinAttention
-from twinv2.models.layers import MLP, Features, PeriodicEmbedding, check_batch, first_positions, gather_seq
+from twinv2.models.layers import MLP, Embedding, Features, PeriodicEmbedding, check_batch, first_positions, gather_seq
 
 
 class CTRModel(nn.Module):
@@ -28,7 +28,7 @@ class CTRModel(nn.Module):
         f = self.features
         self.short = self.attention(p)
         # "other features" of the head (TWIN-V2 sec. 3.4): the target's popularity bucket (views before ts)
-        self.pop = nn.Embedding(int(vocab.get("pop", 22)), p["side_dim"]) if p.get("target_pop") else None
+        self.pop = Embedding(int(vocab.get("pop", 22)), p["side_dim"]) if p.get("target_pop") else None
         self.count_fields = tuple(p.get("match_counts") or ())
         # match_recency: per part, how long ago the target's category / author / item was last read (match_recency())
         self.recency_fields = tuple(p.get("match_counts") or ()) if p.get("match_recency") else ()
@@ -37,15 +37,15 @@ class CTRModel(nn.Module):
         # the user's earlier train labels: ln(1 + n), (k + p0) / (n + 1) (target["feedback"], twinv2.training.feedback)
         self.user_feedback = bool(p.get("user_feedback", False))
         # a learned scalar per target item added to the logit (the "wide" item bias of CTR models), init 0
-        self.item_bias = nn.Embedding(vocab["item"], 1, padding_idx=0) if p.get("item_bias") else None
+        self.item_bias = Embedding(vocab["item"], 1, padding_idx=0) if p.get("item_bias") else None
         # the same for the target's author (a scalar per author: the author's quality, outside the attention)
-        self.author_bias = nn.Embedding(vocab["author"], 1, padding_idx=0) if p.get("author_bias") else None
+        self.author_bias = Embedding(vocab["author"], 1, padding_idx=0) if p.get("author_bias") else None
         # a learned scalar per user (the user's base rate, which the behaviours need not show), the user id hashed
         # into `user_bias_buckets` rows: row 1 + (user_id mod (buckets - 1)); row 0 = no user
         self.user_buckets = int(p.get("user_bias_buckets", 65_536))
         if p.get("user_bias") and self.user_buckets < 2:
             raise ValueError(f"params model.user_bias_buckets must be >= 2, got {self.user_buckets}")
-        self.user_bias = nn.Embedding(self.user_buckets, 1, padding_idx=0) if p.get("user_bias") else None
+        self.user_bias = Embedding(self.user_buckets, 1, padding_idx=0) if p.get("user_bias") else None
         for b in (self.item_bias, self.author_bias, self.user_bias):
             if b is not None:
                 nn.init.zeros_(b.weight)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from twinv2.models.base import TwoStage
-from twinv2.models.layers import masked_softmax
+from twinv2.models.layers import Embedding, masked_softmax
 
 GAP = 2   # index of the log time-gap bucket among the cross features (docs/architecture.md)
 
@@ -44,7 +44,7 @@ class SIMSoft(TwoStage):
 
     def __init__(self, vocab: dict, p: dict):
         super().__init__(vocab, p, p["twin_window"])
-        self.soft = nn.Embedding(vocab["item"], p["sim_soft_dim"], padding_idx=0)
+        self.soft = Embedding(vocab["item"], p["sim_soft_dim"], padding_idx=0)
         nn.init.normal_(self.soft.weight, std=0.1)
         with torch.no_grad():
             self.soft.weight[0].zero_()
