@@ -154,12 +154,18 @@ def _groups(data: str, run: Path, n_groups: int = 4):
     """Test predictions of a run and its AUC / GAUC per life-cycle length quartile (twinv2 evaluate's
     by_group: users cut into quantile groups by behaviours before the history end)."""
     from twinv2.metrics.groups import by_group
+
+    world, _, pred = split_predictions(data, run)
+    return pred, by_group(pred["user"], pred["label"], pred["prob"], world.user_lengths(), n_groups)
+
+
+def split_predictions(data: str, run: str | Path):
+    """(the run's World, its test-split impressions in stored order, the reference path's predictions of them)."""
     from twinv2.training.scoring import RunScorer
 
     scorer = RunScorer(run, data=data)
     test = scorer.world.impressions[scorer.world.impressions["split"] == "test"].reset_index(drop=True)
-    pred = scorer.predict_frame(test)
-    return pred, by_group(pred["user"], pred["label"], pred["prob"], scorer.world.user_lengths(), n_groups)
+    return scorer.world, test, scorer.predict_frame(test)
 
 
 def _series(cells: list[dict]):

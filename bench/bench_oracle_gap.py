@@ -94,11 +94,10 @@ def _metrics(t: pd.DataFrame, score: np.ndarray) -> dict:
 
 def predictions(data: str, run: str) -> tuple[pd.DataFrame, np.ndarray, tuple]:
     """(test rows of World.impressions, a run's probabilities of them (the reference path), user lengths)."""
-    from twinv2.training.scoring import RunScorer
+    from bench.bench_levers import split_predictions
 
-    s = RunScorer(run, data=data)
-    test = s.world.impressions[s.world.impressions["split"] == "test"].reset_index(drop=True)
-    return test, s.predict_frame(test)["prob"], s.world.user_lengths()
+    world, test, pred = split_predictions(data, run)
+    return test, pred["prob"], world.user_lengths()
 
 
 def main(argv=None) -> dict:

@@ -365,8 +365,7 @@ class World:
                  "pop": cfg.pop_coef * self.z_pop[item].astype(np.float64),
                  "quality": cat.quality[item].astype(np.float64),
                  "user_bias": np.full(n, user_bias), "noise": noise,
-                 "top_kind": np.where(s_all > 0, it.kind[top], -1).astype(np.int8),
-                 "from_interest": from_interest}
+                 "top_kind": np.where(s_all > 0, it.kind[top], -1).astype(np.int8)}
         return imp, {"p_recent": p_recent.astype(np.float32), "parts": parts}
 
     def users(self) -> Iterator[tuple[dict, dict, dict]]:

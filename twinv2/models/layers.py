@@ -35,7 +35,7 @@ class _IndexAddLookup(torch.autograd.Function):
 class Embedding(nn.Embedding):
     """nn.Embedding (same parameters, state dict and forward) whose weight gradient on the CPU is one index_add_:
     aten's dense embedding backward costs ~0.4 ms per (256, 50) lookup whatever the table size, index_add_
-    0.05-0.14 ms (bench/bench_train.py's step; tests/models/test_layers.py holds the gradients equal to
+    0.05-0.14 ms (bench/bench_train.py's step; tests/models/test_embedding_grad.py holds the gradients equal to
     nn.Embedding's up to float summation order). Elsewhere (CUDA, no gradient) it is nn.Embedding."""
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

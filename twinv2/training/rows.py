@@ -323,7 +323,7 @@ class LifeCounts:
                 lo, hi = np.searchsorted(uk, [c * V, (c + 1) * V])
                 ids, n_u, c_u = uk[lo:hi] - c * V, n[lo:hi], cs[lo:hi]
                 at = np.clip(np.searchsorted(ids, t), 0, max(len(ids) - 1, 0))
-                hit = (t < V) & (ids[at] == t) if len(ids) else np.zeros(B, bool)
+                hit = ids[at] == t if len(ids) else np.zeros(B, bool)
                 C[:, k] = np.where(hit, n_u[at] if len(ids) else 0.0, 0.0)
                 D[:, k] = np.where(hit, c_u[at] if len(ids) else 0.0, 0.0)
             if len(gc):                                     # the gap rows: count and completion per id
