@@ -12,8 +12,22 @@ INHERENT = ("item", "author", "category", "dur_bucket")   # item-inherent featur
 SEQ_KEYS = INHERENT + ("cross", "mask", "log_n")
 
 
+def row_sums(idx: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, d) table whose row v is the sum of rows[i] over idx[i] == v: an embedding's weight gradient.
+    idx (N,) int64, rows (N, d). On the CPU, index_add_ is fast on contiguous rows of >= 16 floats (12,800 x 16:
+    ~0.05 ms) but slow on narrower rows (x 8: 0.16 ms) and on strided ones, as the slices of a concatenated K_h's
+    gradient are (0.7 ms): rows are made contiguous, and below 16 columns summed by one bincount over the
+    flattened (row, column) cells (x 8: 0.1 ms). The TWIN-V2 training step: ~1.1x (bench/bench_train.py)."""
+    d = rows.shape[1]
+    rows = rows.contiguous()
+    if rows.device.type == "cpu" and d < 16 and rows.dtype in (torch.float32, torch.float64):
+        cells = (idx[:, None] * d + torch.arange(d, device=idx.device)).reshape(-1)        # (N * d,)
+        return torch.bincount(cells, rows.reshape(-1), minlength=n * d).view(n, d).to(rows.dtype)
+    return torch.zeros(n, d, dtype=rows.dtype, device=rows.device).index_add_(0, idx, rows)
+
+
 class _IndexAddLookup(torch.autograd.Function):
-    """weight[idx] whose weight gradient is ONE index_add_ of the output gradient rows (zeroed at padding_idx)."""
+    """weight[idx] whose weight gradient is ONE row sum of the output gradient rows (zeroed at padding_idx)."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, idx: torch.Tensor, padding_idx):
@@ -25,18 +39,17 @@ class _IndexAddLookup(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (idx,) = ctx.saved_tensors
         n, d = ctx.shape
-        gw = torch.zeros(n, d, dtype=grad.dtype, device=grad.device)
-        gw.index_add_(0, idx.reshape(-1), grad.reshape(-1, d))
+        gw = row_sums(idx.reshape(-1), grad.reshape(-1, d), n)
         if ctx.padding_idx is not None:
             gw[ctx.padding_idx] = 0
         return gw, None, None
 
 
 class Embedding(nn.Embedding):
-    """nn.Embedding (same parameters, state dict and forward) whose weight gradient on the CPU is one index_add_:
-    aten's dense embedding backward costs ~0.4 ms per (256, 50) lookup whatever the table size, index_add_
-    0.05-0.14 ms (bench/bench_train.py's step; tests/models/test_embedding_grad.py holds the gradients equal to
-    nn.Embedding's up to float summation order). Elsewhere (CUDA, no gradient) it is nn.Embedding."""
+    """nn.Embedding (same parameters, state dict and forward) whose weight gradient on the CPU is one row sum
+    (row_sums): aten's dense embedding backward costs ~0.4 ms per (256, 50) lookup whatever the table size, a row
+    sum 0.05-0.2 ms (bench/bench_train.py's step; tests/models/test_embedding_grad.py holds the gradients equal
+    to nn.Embedding's up to float summation order). Elsewhere (CUDA, no gradient) it is nn.Embedding."""
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if (self.weight.device.type == "cpu" and self.weight.requires_grad and torch.is_grad_enabled()
