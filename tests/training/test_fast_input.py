@@ -13,15 +13,15 @@ from twinv2.training.samples import loader
 from twinv2.training.world import load_world
 
 
-def assert_same(a: dict, b: dict, path=""):
+def assert_same(a: dict, b: dict, path="", exact=False):
     assert a.keys() == b.keys(), (path, sorted(a), sorted(b))
     for k in a:
         if isinstance(a[k], dict):
-            assert_same(a[k], b[k], f"{path}{k}.")
+            assert_same(a[k], b[k], f"{path}{k}.", exact)
             continue
         x, y = a[k], b[k]
         assert x.dtype == y.dtype and x.shape == y.shape, (path + k, x.dtype, y.dtype, x.shape, y.shape)
-        if x.dtype.is_floating_point:
+        if x.dtype.is_floating_point and not exact:
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=path + k)
         else:
             assert torch.equal(x, y), path + k
@@ -48,7 +48,35 @@ def test_fast_batches_equal_the_reference(clustered_ro, small_params, name, extr
         rng = np.random.default_rng(0)
         batches = [rng.permutation(len(s))[:64], np.arange(min(len(s), 7)), np.array([len(s) - 1])]
         for idx in batches:
-            assert_same(ds[idx], ds.reference_batch(idx))
+            ds.per_sample = False
+            per_batch = ds[idx]
+            assert_same(per_batch, ds.reference_batch(idx))
+            ds.per_sample = True                         # the per-sample inputs computed once: the same numbers
+            assert_same(ds[idx], per_batch, exact=True)
+
+
+def test_per_sample_inputs_follow_the_samples(clustered_ro, small_params):
+    """The per-sample cache belongs to the set's current samples: a copy of the set given other samples (the
+    scorer's template) recomputes, and chunked computation equals one pass."""
+    import copy as cp
+
+    from twinv2.training.fastbatch import per_sample
+
+    w = load_world(clustered_ro, need_clusters=True, features=small_params["train"].get("features"))
+    model = build("twinv2", w.vocab, small_params)
+    ds = w.dataset(w.samples("train"), model)
+    ds.per_sample = True
+    whole = per_sample(ds)
+    assert set(whole) == {"pop", "stats", "life"} and len(whole["pop"]) == len(ds)
+    ds.__dict__.pop("_per_sample")
+    chunked = per_sample(ds, chunk=7)
+    for k in whole:
+        assert np.array_equal(whole[k], chunked[k]), k
+    other = cp.copy(ds)
+    other.samples = w.samples("valid")
+    idx = np.arange(min(len(other), 40))
+    assert_same(other[idx], other.reference_batch(idx))
+    assert len(per_sample(other)["pop"]) == len(other) != len(ds)
 
 
 def test_edge_samples_equal_the_reference(clustered_ro, small_params):

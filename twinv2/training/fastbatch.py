@@ -153,15 +153,45 @@ def gaps_for(ds, fields) -> GapCounts:
     return cache[fields]
 
 
+def per_sample(ds, chunk: int = 65536) -> dict:
+    """The head inputs that depend on the sample alone, for every sample of `ds` (its SampleSet), computed once
+    (in chunks of `chunk` samples) and cached on the set for its current `samples`: pop (M,) int64 and stats
+    (M, 4) float32 (SampleSet.target_counts), life (M, 4F + 2) float32 (life_features) under model.virtual_mix.
+    The formulas are row-wise, so a batch's rows equal what the per-batch path computes."""
+    cached = ds.__dict__.get("_per_sample")
+    if cached is not None and cached[0] is ds.samples:
+        return cached[1]
+    n = len(ds.samples)
+    out = {"pop": np.zeros(n, np.int64), "stats": np.zeros((n, 4), np.float32)}
+    for a in range(0, n, chunk):
+        i = np.arange(a, min(n, a + chunk))
+        out["pop"][i], out["stats"][i] = ds.target_counts(i)
+        if ds.life is not None:
+            life = _life(ds, i)
+            out.setdefault("life", np.zeros((n, life.shape[1]), np.float32))[i] = life
+    ds.__dict__["_per_sample"] = (ds.samples, out)
+    return out
+
+
+def _life(ds, i: np.ndarray) -> np.ndarray:
+    s, v = ds.samples, ds.vocab
+    item = s.item[i]
+    target = {"item": item, "author": v.item_author[item], "category": v.item_category[item]}
+    glo, ghi = ds.gap_bounds(i)
+    return life_features(ds.life, gaps_for(ds, ds.mix_fields), s.cidx[i], target, glo, ghi, ds.mix_fields)
+
+
 def fast_batch(ds, i: np.ndarray) -> dict:
     """SampleSet.__getitem__ on the packed table (the reference: SampleSet.reference_batch)."""
-    _bounds, MIX_FIELDS = ds.bounds, ds.mix_fields   # samples.py's helpers, reached through the set (no import cycle)
+    _bounds = ds.bounds          # samples.py's helper, reached through the set (no import cycle)
     P = packed_for(ds)
     if not P.has_comp:                       # a store without completion: the reference path handles its keys
         return ds.reference_batch(i)
     s, v = ds.samples, ds.vocab
     ts = s.ts[i].astype(np.float64)
-    batch = {"target": ds.targets(i), "label": torch.from_numpy(s.label[i]), "user": torch.from_numpy(s.user[i])}
+    pre = per_sample(ds) if getattr(ds, "per_sample", False) else None
+    counts = None if pre is None else (pre["pop"][i], pre["stats"][i])
+    batch = {"target": ds.targets(i, counts), "label": torch.from_numpy(s.label[i]), "user": torch.from_numpy(s.user[i])}
     lo, hi = _bounds(ds.raw, s.uidx[i], s.pos[i])
     z = np.zeros(len(i), np.int64)
     batch["short"] = P.sequence(lo, hi, z, z, ds.short_len, ts, v)
@@ -176,11 +206,7 @@ def fast_batch(ds, i: np.ndarray) -> dict:
             glo, _ = ds.gap_bounds(i)                                              # raw rows [W, ts)
             batch["long"] = P.sequence(clo + cb, chi + cb, glo, hi, ds.long_len, ts, v)
         if ds.life is not None:
-            item = s.item[i]
-            target = {"item": item, "author": v.item_author[item], "category": v.item_category[item]}
-            glo, ghi = ds.gap_bounds(i)
-            batch["life"] = torch.from_numpy(life_features(ds.life, gaps_for(ds, MIX_FIELDS), s.cidx[i], target,
-                                                           glo, ghi, MIX_FIELDS))
+            batch["life"] = torch.from_numpy(pre["life"][i] if pre is not None else _life(ds, i))
     else:
         batch["long"] = P.sequence(z, z, z, z, 1, ts, v)
     return batch

@@ -153,6 +153,7 @@ def fit(model: torch.nn.Module, train_loader, valid_loader, cfg: TrainConfig, ck
     for ld in (train_loader, valid_loader):
         if hasattr(getattr(ld, "dataset", None), "fast"):
             ld.dataset.fast = bool(cfg.fast_batches)
+            ld.dataset.per_sample = bool(cfg.fast_batches)      # read every epoch: per-sample inputs once
     fwd = torch.compile(model) if cfg.compile else model     # recompiles once for a last, smaller batch
     t_start = time.perf_counter()
     n_seen = 0

@@ -185,6 +185,10 @@ class SampleSet(torch.utils.data.Dataset):
         # the batch path: twinv2.training.fastbatch (one gather per field group from a packed row table), or
         # reference_batch (False); the same tensors (tests/training/test_fast_input.py)
         self.fast = True
+        # fast path only: the per-sample head inputs (the target's counts before ts, the whole-life match counts)
+        # computed once for every sample and gathered per batch (fastbatch.per_sample), for a set read many times
+        # (training.loop.fit turns it on for its train and valid sets); off: computed per batch (same numbers)
+        self.per_sample = False
 
     bounds = staticmethod(_bounds)      # for twinv2.training.fastbatch, which does not import this module
     mix_fields = MIX_FIELDS
@@ -224,17 +228,24 @@ class SampleSet(torch.utils.data.Dataset):
         return batch
 
 
-    def targets(self, i: np.ndarray) -> dict:
-        """The target part of a batch: item-inherent feature indices of samples i -> dict of (B,) tensors."""
+    def target_counts(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The target's views before ts of samples i: its log2 popularity bucket (B,) int64 and target_stats
+        (B, 4) float32: ln(1 + views), mean completion of the views (0 if none), the same for its author."""
         v, item = self.vocab, self.samples.item[i]
         ts = self.samples.ts[i]
         views, vcomp = self.raw.counts_before("item", item, ts)                     # leakage rule: before ts
-        author = v.item_author[item]
-        aviews, acomp = self.raw.counts_before("author", author, ts)
+        aviews, acomp = self.raw.counts_before("author", v.item_author[item], ts)
         pop = np.clip(np.floor(np.log2(1.0 + views)), 0, int(v.features.get("pop_log2_max", 20))).astype(np.int64) + 1
-        # target_stats: ln(1 + views), mean completion of the views (0 if none), the same for the author
         stats = np.stack([np.log1p(views), vcomp / np.maximum(views, 1), np.log1p(aviews),
                           acomp / np.maximum(aviews, 1)], axis=1).astype(np.float32)          # (B, 4)
+        return pop, stats
+
+    def targets(self, i: np.ndarray, counts: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+        """The target part of a batch: item-inherent feature indices of samples i -> dict of (B,) tensors;
+        `counts`: target_counts(i) when already at hand."""
+        v, item = self.vocab, self.samples.item[i]
+        author = v.item_author[item]
+        pop, stats = self.target_counts(i) if counts is None else counts
         out = {"item": torch.from_numpy(item), "author": torch.from_numpy(author),
                "category": torch.from_numpy(v.item_category[item]),
                "dur_bucket": torch.from_numpy(v.dur_bucket(v.item_duration_ms[item]).astype(np.int64)),
