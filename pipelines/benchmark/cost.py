@@ -31,14 +31,17 @@ def _attention_macs(att, n_gsu: int, n_esu: int, features=None) -> int:
     projects the query back to K_h space once (u = (q W^q) W^h: H*dk x d_h), then per position one d_h dot (a
     K_h table with no more rows than positions: its n_f x d_f rows . u once instead) and the target-match terms F,
     plus the per-id cross scalars of every cross table (n_j x c each, `features`).
-    Per ESU position, from the module's shapes: key projection d_h x H*dk, cross scalars J x c, cross terms
-    H x J, target-match terms H x F, the score dot H*dk, the value projection (d_h + J*c) x H*dk, the pooling."""
+    The ESU (TwinAttention.attend_rows) projects no row: once per candidate the query (d_h x H*dk), u_h = W^h_h
+    (q W^q_h) (H*dk x d_h) and the output projection of the H pooled rows ((d_h + J*c) x H*dk); per position,
+    from the module's shapes: the score K_h . u_h (H x d_h), cross scalars J x c, cross terms H x J, target-match
+    terms H x F, and the pooling of the raw row (H x (d_h + J*c))."""
     hd = att.w_q.out_features
     n_match = len(att.match_fields)
-    per_key = (att.w_h.in_features * att.w_h.out_features + att.w_c.numel() + att.beta.numel() + hd
-               + (att.beta_m.numel() if att.match_fields else 0))
-    per_val = att.w_v.in_features * att.w_v.out_features + hd
+    d_h, d_in, H = att.w_h.in_features, att.w_v.in_features, att.H
+    per_key = (H * d_h + att.w_c.numel() + att.beta.numel() + (att.beta_m.numel() if att.match_fields else 0))
+    per_val = H * d_in
     query = att.w_q.in_features * att.w_q.out_features
+    esu = query + hd * d_h + d_in * hd
     gsu = 0
     if n_gsu > 0:
         tables = sum(e.num_embeddings * e.embedding_dim for e in features.cross) if features is not None else 0
@@ -49,7 +52,7 @@ def _attention_macs(att, n_gsu: int, n_esu: int, features=None) -> int:
         small = sum(n * d for n, d in inherent if n <= n_gsu)
         per_row = sum(d for n, d in inherent if n > n_gsu)
         gsu = query + hd * att.w_h.in_features + n_gsu * (per_row + n_match) + small + tables
-    return gsu + (query + n_esu * (per_key + per_val) if n_esu > 0 else 0)
+    return gsu + (esu + n_esu * (per_key + per_val) if n_esu > 0 else 0)
 
 
 def macs_per_candidate(model, params: dict | None = None) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from hypothesis import given, settings, strategies as st
 
 from tests.models.conftest import SMALL, VOCAB, make_batch
 from twinv2.models import build_model
@@ -209,3 +210,54 @@ def test_gsu_scores_equal_the_head_mean_of_alpha():
         idx, _ = a.gsu(q, b["long"], f, 4, b["target"])
         want = torch.topk(full.masked_fill(~b["long"]["mask"], float("-inf")), 4, dim=1).indices
         assert (idx.sort(1).values == want.sort(1).values).all()
+
+
+def _per_row_attend(att, f, q_kh, seq, target):
+    """The ESU with every row projected: keys K_h W^h, values [K_h, K_c] W^v, then scores and pool (the
+    reference attend_rows is held to)."""
+    kh = f.inherent(seq)
+    ce = f.cross_emb(seq)
+    B, L = seq["mask"].shape
+    kp = att.w_h(kh).view(B, L, att.H, att.dk)
+    v = att.w_v(torch.cat([kh, ce.flatten(-2)], dim=-1)).view(B, L, att.H, att.dk)
+    cs = torch.einsum("bljc,jc->blj", ce, att.w_c)
+    a = att.scores(att.query(q_kh), kp, cs, seq["log_n"], att.target_match(seq, target))
+    return att.pool(a, seq["mask"], v)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), B=st.integers(1, 5), L=st.integers(1, 12), log_n=st.booleans(),
+       mass=st.booleans(), match=st.sampled_from([(), ("category",), ("category", "item")]))
+def test_attend_rows_equals_projecting_every_row(seed, B, L, log_n, mass, match):
+    """attend_rows (the query moved into K_h space, raw rows pooled before W^v) == per-row projections, in value
+    and in every parameter's gradient, for any lengths and padding (all-padding rows included)."""
+    torch.manual_seed(seed)
+    f = Features(VOCAB, 8, 4, 4).double()
+    att = TwinAttention(f.d_h, f.n_cross, f.cross_dim, 3, 4, use_log_n=log_n, mass=mass,
+                        match_fields=match).double()
+    if match:
+        torch.nn.init.normal_(att.beta_m)
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, L + 1, (B,), generator=g).tolist()
+    batch = make_batch(B=B, L=L, long_lens=lens, seed=seed)
+    seq = dict(batch["long"])
+    seq["log_n"] = (torch.rand(B, L, generator=g, dtype=torch.float64) * 3) * seq["mask"]
+    t = batch["target"]
+    outs, grads = [], []
+    for fn in (lambda: att.attend_rows(f.inherent(t), seq, f, t),
+               lambda: _per_row_attend(att, f, f.inherent(t), seq, t)):
+        for p in [*f.parameters(), *att.parameters()]:
+            p.grad = None
+        out = fn()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([None if p.grad is None else p.grad.clone() for p in [*f.parameters(), *att.parameters()]])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-10)
+    for a, b in zip(*grads):
+        if a is None or b is None:
+            assert a is None or not a.any(), "a gradient only one path produces"
+            assert b is None or not b.any(), "a gradient only one path produces"
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    with torch.no_grad():
+        assert torch.equal(att.attend(f.inherent(t), seq, f, t), outs[0])         # attend takes this path
