@@ -24,7 +24,8 @@ MODELS = ("twinv2", "twin", "twin_full", "sim_hard", "sim_soft", "eta", "sdim", 
 # keys the stages read (with a default) that params.yaml does not list: accepted by --set
 # (validate / cluster / evaluate .progress: the tqdm switch twinv2.progress.bar reads from the stage's section)
 OPTIONAL_KEYS = {"cluster.embeddings", "validate.gx_result_format", "train.features.pop_log2_max",
-                 "validate.progress", "cluster.progress", "evaluate.progress", "train.compile"}
+                 "validate.progress", "cluster.progress", "evaluate.progress", "train.compile",
+                 "train.prefetch", "train.fast_batches"}
 # mappings whose keys are free (any WorldConfig field; any variant name): a new key there is not a typo
 FREE_FORM = {"generate.knobs", "benchmark.variants"}
 
@@ -164,6 +165,9 @@ def _schema():
         log_every: Optional[int] = Field(default=None, ge=1)
         keep_checkpoints: Optional[int] = Field(default=None, ge=0)
         optimizer: Optional[Literal["adam", "adamw"]] = None
+        prefetch: Optional[int] = Field(default=None, ge=0)
+        fast_batches: Optional[bool] = None
+        compile: Optional[bool] = None
 
     class Model(Section):
         embed_dim: Optional[int] = Field(default=None, ge=1)

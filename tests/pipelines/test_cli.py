@@ -157,10 +157,12 @@ def test_set_accepts_the_optional_and_free_form_keys(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(validate, "run", lambda data, params: seen.update(params=params) or {"summary": "ok"})
     ok = ["cluster.embeddings=runs/x", "train.features.pop_log2_max=12", "generate.knobs.dormant_weight=3.0",
-          "benchmark.variants.trained_emb={cluster.embeddings: runs/x}", "train.epochs=1", "train.bias_lr=null"]
+          "benchmark.variants.trained_emb={cluster.embeddings: runs/x}", "train.epochs=1", "train.bias_lr=null",
+          "train.prefetch=0", "train.fast_batches=false", "train.compile=true"]
     assert main(["validate", "--data", str(tmp_path)] + [a for k in ok for a in ("--set", k)]) == 0
     assert seen["params"]["cluster"]["embeddings"] == "runs/x"
     assert seen["params"]["generate"]["knobs"] == {"dormant_weight": 3.0}
+    assert (seen["params"]["train"]["prefetch"], seen["params"]["train"]["fast_batches"]) == (0, False)
     older = tmp_path / "p.yaml"                      # an older copy without train.user_bias_lr
     older.write_text((REPO / "params.yaml").read_text().replace("  user_bias_lr: 0.01", "  # gone"))
     assert main(["validate", "--data", str(tmp_path), "--params", str(older), "--set", "train.user_bias_lr=0.02"]) == 0

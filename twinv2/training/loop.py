@@ -41,7 +41,8 @@ class TrainConfig:
     bias_lr: float | None = None     # learning rate of the scalar id-bias tables (item / author / user); None: lr
     user_bias_lr: float | None = None    # the user-bias table's own rate (~100 samples per row, not ~2); None: bias_lr
     prefetch: int = 2                # batches built ahead by a background thread (twinv2.training.prefetch); 0: off
-    fast_batches: bool = True        # SampleSet's fast batch path (fastbatch); false: the reference assembly (same tensors)
+    fast_batches: bool = True        # SampleSet's fast batch path (fastbatch); false: the reference assembly (the same
+                                     # tensors up to one float32 ulp in the life counts)
     compile: bool = False            # the training forward through torch.compile (inductor); the first batch (its
                                      # input checks) and evaluation stay eager (bench_train --compile measures it)
 

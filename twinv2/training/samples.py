@@ -183,7 +183,8 @@ class SampleSet(torch.utils.data.Dataset):
         if long_source == "clusters" and watermark_gap and watermark is not None:
             self.gap_pos = raw.positions_before(int(watermark))                   # (U,) rows of u with ts < W
         # the batch path: twinv2.training.fastbatch (one gather per field group from a packed row table), or
-        # reference_batch (False); the same tensors (tests/training/test_fast_input.py)
+        # reference_batch (False); the same tensors, the life counts' completion shares to one float32 ulp (prefix-
+        # sum differences vs direct sums; tests/training/test_fast_input.py)
         self.fast = True
         # fast path only: the per-sample head inputs (the target's counts before ts, the whole-life match counts)
         # computed once for every sample and gathered per batch (fastbatch.per_sample), for a set read many times
