@@ -266,8 +266,9 @@ class TwinAttention(nn.Module):
         pool(scores(project())) up to float summation order (tests/models/test_attention.py)."""
         B, L = seq["mask"].shape
         H, dk = self.H, self.dk
-        kh = features.inherent(seq)                                                # (B, L, d_h)
-        ce = features.cross_emb(seq)                                               # (B, L, J, c)
+        x = features.rows(seq)                                                     # (B, L, d_h + J c)
+        kh = x[..., :self.d_h]                                                     # (B, L, d_h) K_h, a view
+        ce = x[..., self.d_h:].unflatten(-1, (self.J, self.c))                    # (B, L, J, c) K_c, a view
         cs = torch.einsum("bljc,jc->blj", ce, self.w_c.to(ce.dtype))               # (B, L, J)
         qp = self.query(q_kh)                                                      # (B, H, dk)
         u = torch.einsum("bhd,hdf->bhf", qp, self.w_h.weight.view(H, dk, -1).to(qp.dtype)) / math.sqrt(dk)
@@ -280,7 +281,6 @@ class TwinAttention(nn.Module):
             a = a + seq["log_n"].float().unsqueeze(-1)
         mask = seq["mask"]
         w = masked_softmax(a, mask.unsqueeze(-1), dim=1)                           # (B, L, H)
-        x = torch.cat([kh, ce.flatten(-2)], dim=-1)                               # (B, L, d_h + J c)
         pooled = torch.bmm(w.transpose(1, 2).to(x.dtype), x)                      # (B, H, d_h + J c)
         out = torch.einsum("bhf,hdf->bhd", pooled, self.w_v.weight.view(H, dk, -1).to(pooled.dtype))
         out = out.reshape(B, H * dk)                                               # (B, H*dk)

@@ -90,6 +90,13 @@ class Features(nn.Module):
         """K_h of a target dict (B,) or a sequence dict (B, L) -> (..., d_h)."""
         return torch.cat([emb(f[name]) for name, emb in self.tables()], dim=-1)
 
+    def rows(self, seq: dict) -> torch.Tensor:
+        """[K_h, K_c] of a sequence dict in one concatenation -> (B, L, d_h + J * c): the item-inherent blocks,
+        then each cross feature's embedding (the column order of W^v's input)."""
+        x = seq["cross"]
+        return torch.cat([emb(seq[name]) for name, emb in self.tables()]
+                         + [emb(x[..., j]) for j, emb in enumerate(self.cross)], dim=-1)
+
     def cross_emb(self, seq: dict) -> torch.Tensor:
         """seq["cross"] (B, L, J) bucket ids -> (B, L, J, c)."""
         x = seq["cross"]
