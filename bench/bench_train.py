@@ -148,21 +148,29 @@ def compiled_steps(model, batch, device, steps: int) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
 
+def trained_model(name: str, vocab, params: dict, build_fn=None):
+    """The model as pipelines.train builds it for training: its tables of model.frozen_tables frozen."""
+    from pipelines.train import build, freeze_tables
+
+    model = (build_fn or build)(name, vocab, params)
+    freeze_tables(model, params.get("model", params).get("frozen_tables") or ())
+    return model
+
+
 def model_steps(world, name: str, params: dict, batch_sizes, steps: int, device, compile_=False) -> list[dict]:
     """Per batch size: the eager step and, with compile_ (True: every size; a list: those sizes), the same model
-    (same init, same batch) compiled."""
-    from pipelines.train import build
-
-    ds = world.dataset(world.samples("train"), build(name, world.vocab, params))
+    (same init, same batch) compiled. The model is built as `twinv2 train` builds it (model.frozen_tables kept
+    at their init: no gradient, no optimizer state)."""
+    ds = world.dataset(world.samples("train"), trained_model(name, world.vocab, params))
     rows = []
     for bs in batch_sizes:
         bs = min(int(bs), len(ds))
         idx = np.random.default_rng(0).permutation(len(ds))[:bs]
         torch.manual_seed(0)
-        row = {"model": name, **time_steps(build(name, world.vocab, params), ds[idx], device, steps)}
+        row = {"model": name, **time_steps(trained_model(name, world.vocab, params), ds[idx], device, steps)}
         if compile_ is True or (compile_ and bs in compile_):
             torch.manual_seed(0)
-            c = compiled_steps(build(name, world.vocab, params), ds[idx], device, steps)
+            c = compiled_steps(trained_model(name, world.vocab, params), ds[idx], device, steps)
             row["compiled"] = c
             if "step_ms" in c:
                 row["compile_speedup"] = row["step_ms"] / c["step_ms"]
@@ -182,7 +190,7 @@ def length_steps(lengths, batch_size: int, steps: int, compression: int, device)
             L = n if kind == "twin" else max(1, n // compression)
             p["twin_window"] = L
             torch.manual_seed(0)
-            model = build_model(kind, VOCAB, p)
+            model = trained_model(kind, VOCAB, p, build_model)
             batch = random_batch(batch_size, L, p["short_len"], torch.Generator().manual_seed(1), kind == "twinv2")
             rows.append({"model": kind, "history": n, "long_len": L, **time_steps(model, batch, device, steps)})
     return rows
