@@ -53,7 +53,8 @@ class Embedding(nn.Embedding):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if (self.weight.device.type == "cpu" and self.weight.requires_grad and torch.is_grad_enabled()
-                and not self.sparse and self.max_norm is None and not self.scale_grad_by_freq):
+                and not self.sparse and self.max_norm is None and not self.scale_grad_by_freq
+                and not torch.compiler.is_compiling()):      # inductor writes its own backward (train.compile)
             return _IndexAddLookup.apply(self.weight, idx, self.padding_idx)
         return super().forward(idx)
 
