@@ -80,9 +80,16 @@ def input_pipeline(world, model, params: dict, n_batches: int) -> dict:
     order.set_epoch(1)
     batches = [np.asarray(b) for b in list(order)[:n_batches]]
     out = {"batch_size": bs, "batches": len(batches), "samples": int(sum(len(b) for b in batches))}
-    for mode in ("reference", "fast"):
-        ds.fast = mode == "fast"
+    for mode in ("reference", "fast", "fit"):
+        ds.fast = mode != "reference"
         ds[batches[0]]                                      # warm-up (the fast path packs its table once)
+        if mode == "fit":       # as training.loop.fit runs it: the per-sample inputs once for the whole set
+            from twinv2.training.fastbatch import per_sample
+
+            ds.per_sample = True
+            t, c = time.perf_counter(), time.process_time()
+            per_sample(ds)
+            once = {"once_s": time.perf_counter() - t, "once_cpu_s": time.process_time() - c, "set_size": len(ds)}
         wall, cpu = [], []
         for _ in range(2):
             t, c = time.perf_counter(), time.process_time()
@@ -92,7 +99,11 @@ def input_pipeline(world, model, params: dict, n_batches: int) -> dict:
             cpu.append(time.process_time() - c)
         out[mode] = {"samples_per_s": out["samples"] / min(wall),
                      "samples_per_cpu_s": out["samples"] / min(cpu)}
+        if mode == "fit":       # one epoch over the set, the one-time part included
+            r = out[mode]["samples_per_cpu_s"]
+            out[mode].update(once, epoch_samples_per_cpu_s=len(ds) / (len(ds) / r + once["once_cpu_s"]))
     out["speedup_per_core"] = out["fast"]["samples_per_cpu_s"] / out["reference"]["samples_per_cpu_s"]
+    out["fit_speedup_per_core"] = out["fit"]["epoch_samples_per_cpu_s"] / out["reference"]["samples_per_cpu_s"]
     return out
 
 
@@ -276,13 +287,17 @@ def run(data: Path | None, device: torch.device, quick: bool, work: Path, preset
 def table(res: dict) -> str:
     lines = [f"device: {res['device']}  precision: {res['precision']}  torch {res['torch']}  "
              f"threads {res['cpu_threads']}  data {res['data']}", "",
-             "input pipeline (train batches, no model)",
+             "input pipeline (train batches, no model; fit: fast + the per-sample inputs once per set, an epoch's "
+             "rate with that once)",
              f"{'model':8} {'batch':>6} {'ref samples/s':>14} {'fast samples/s':>15} {'ref /cpu-s':>11} "
-             f"{'fast /cpu-s':>12} {'x/core':>7}"]
+             f"{'fast /cpu-s':>12} {'x/core':>7} {'fit /cpu-s':>11} {'once s':>7} {'epoch /cpu-s':>13} {'x/core':>7}"]
     for m, r in res["input"].items():
+        f = r["fit"]
         lines.append(f"{m:8} {r['batch_size']:>6} {r['reference']['samples_per_s']:>14,.0f} "
                      f"{r['fast']['samples_per_s']:>15,.0f} {r['reference']['samples_per_cpu_s']:>11,.0f} "
-                     f"{r['fast']['samples_per_cpu_s']:>12,.0f} {r['speedup_per_core']:>7.2f}")
+                     f"{r['fast']['samples_per_cpu_s']:>12,.0f} {r['speedup_per_core']:>7.2f} "
+                     f"{f['samples_per_cpu_s']:>11,.0f} {f['once_s']:>7.2f} {f['epoch_samples_per_cpu_s']:>13,.0f} "
+                     f"{r['fit_speedup_per_core']:>7.2f}")
     lines += ["", "model step on a resident batch of the world",
               f"{'model':8} {'batch':>6} {'step ms':>9} {'samples/s':>11} {'peak MiB':>9}"]
     for r in res["step"]:

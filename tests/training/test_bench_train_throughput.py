@@ -18,9 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 def _check(res: dict):
     assert set(res["input"]) == {"twinv2", "twin"}
     for r in res["input"].values():
-        for mode in ("reference", "fast"):
+        for mode in ("reference", "fast", "fit"):
             assert r[mode]["samples_per_s"] > 0 and r[mode]["samples_per_cpu_s"] > 0
         assert r["samples"] > 0 and math.isfinite(r["speedup_per_core"])
+        f = r["fit"]                         # an epoch with the one-time part is slower than its batches alone
+        assert f["once_cpu_s"] >= 0 and f["set_size"] >= r["samples"]
+        assert 0 < f["epoch_samples_per_cpu_s"] <= f["samples_per_cpu_s"]
     assert {r["model"] for r in res["step"]} == {"twinv2", "twin"}
     for r in res["step"] + res["lengths"]:
         assert r["step_ms"] > 0 and r["samples_per_s"] > 0 and r["peak_mem_mib"] > 0
