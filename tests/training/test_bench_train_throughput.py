@@ -55,6 +55,10 @@ def test_bench_gpu_script_cpu_path(tmp_path, clustered_ro):
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert res["cuda_available"] in (True, False) and res["device"] == "cpu"
     _check(res["bench_train"])
+    lb = res["large_batch"]                         # the large-batch end to end with loader processes
+    assert "error" not in lb, lb
+    assert lb["batch_size"] == 64 and lb["num_workers"] == 2 and lb["train_samples_per_s"] > 0
+    assert 0 < lb["best_valid_gauc"] < 1
     sc = res["bench_score"]                         # the scoring half ran on the same device (was never run)
     assert "error" not in sc, sc
     assert sc["one_user"] and sc["batch"] and sc["device"] == "cpu"
