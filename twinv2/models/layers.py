@@ -14,10 +14,10 @@ SEQ_KEYS = INHERENT + ("cross", "mask", "log_n")
 
 def row_sums(idx: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     """(n, d) table whose row v is the sum of rows[i] over idx[i] == v: an embedding's weight gradient.
-    idx (N,) int64, rows (N, d). On the CPU, index_add_ is fast on contiguous rows of >= 16 floats (12,800 x 16:
-    ~0.05 ms) but slow on narrower rows (x 8: 0.16 ms) and on strided ones, as the slices of a concatenated K_h's
-    gradient are (0.7 ms): rows are made contiguous, and below 16 columns summed by one bincount over the
-    flattened (row, column) cells (x 8: 0.1 ms). The TWIN-V2 training step: ~1.1x (bench/bench_train.py)."""
+    idx (N,) int64, rows (N, d). On the CPU, index_add_ is fast on contiguous rows of >= 16 floats but several
+    times slower on narrower rows and on strided ones, as the slices of a concatenated K_h's gradient are: rows
+    are made contiguous, and below 16 columns summed by one bincount over the flattened (row, column) cells.
+    `twinv2 train` end to end: 1.08x (docs/models.md, bench/train_vs_commit.sh 3b8d44d from 330b7c4)."""
     d = rows.shape[1]
     rows = rows.contiguous()
     if rows.device.type == "cpu" and d < 16 and rows.dtype in (torch.float32, torch.float64):
@@ -47,9 +47,9 @@ class _IndexAddLookup(torch.autograd.Function):
 
 class Embedding(nn.Embedding):
     """nn.Embedding (same parameters, state dict and forward) whose weight gradient on the CPU is one row sum
-    (row_sums): aten's dense embedding backward costs ~0.4 ms per (256, 50) lookup whatever the table size, a row
-    sum 0.05-0.2 ms (bench/bench_train.py's step; tests/models/test_embedding_grad.py holds the gradients equal
-    to nn.Embedding's up to float summation order). Elsewhere (CUDA, no gradient) it is nn.Embedding."""
+    (row_sums): aten's dense embedding backward was slower on the CPU for every table size (the training step,
+    8e30b4e; tests/models/test_embedding_grad.py holds the gradients equal to nn.Embedding's up to float
+    summation order). Elsewhere (CUDA, no gradient, inside torch.compile) it is nn.Embedding."""
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if (self.weight.device.type == "cpu" and self.weight.requires_grad and torch.is_grad_enabled()
