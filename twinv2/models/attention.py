@@ -260,10 +260,10 @@ class TwinAttention(nn.Module):
             (K_h,i W^h_h) . (q W^q_h) = K_h,i . u_h,      u_h = W^h_h (q W^q_h)            (B, H, d_h)
             sum_i w_ih (K_i W^v_h)     = (sum_i w_ih K_i) W^v_h                              (B, H, d_h + J c)
 
-        the query moves into the rows' input space and the softmax pools the raw rows before W^v: per sample
-        H (d_h + d_h + J c) numbers per row instead of two (d x H*dk) projections of every row (~1/10 of the
-        multiply-adds and of the memory written at d_h = 80, H*dk = 64). The same value and gradients as
-        pool(scores(project())) up to float summation order (tests/models/test_attention.py)."""
+        the query moves into the rows' input space and the softmax pools the raw rows before W^v: per row
+        H (d_h + d_h + J c) multiply-adds instead of the two projections d_h x H*dk and (d_h + J c) x H*dk (768
+        against 12,288 at d_h = 80, J c = 32, H = 4, H*dk = 64; pipelines/benchmark/cost.py counts both). The same
+        value and gradients as pool(scores(project())) up to float summation order (tests/models/test_attention.py)."""
         B, L = seq["mask"].shape
         H, dk = self.H, self.dk
         x = features.rows(seq)                                                     # (B, L, d_h + J c)

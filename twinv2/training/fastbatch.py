@@ -191,7 +191,8 @@ def fast_batch(ds, i: np.ndarray) -> dict:
     ts = s.ts[i].astype(np.float64)
     pre = per_sample(ds) if getattr(ds, "per_sample", False) else None
     counts = None if pre is None else (pre["pop"][i], pre["stats"][i])
-    batch = {"target": ds.targets(i, counts), "label": torch.from_numpy(s.label[i]), "user": torch.from_numpy(s.user[i])}
+    batch = {"target": ds.targets(i, counts), "label": torch.from_numpy(s.label[i]),
+             "user": torch.from_numpy(s.user[i])}
     lo, hi = _bounds(ds.raw, s.uidx[i], s.pos[i])
     z = np.zeros(len(i), np.int64)
     batch["short"] = P.sequence(lo, hi, z, z, ds.short_len, ts, v)
