@@ -53,6 +53,19 @@ def main() -> None:
     print(f"bench-gpu: wrote {out} in {res['wall_s']:.0f} s", file=sys.stderr)
 
 
+def _params(device: torch.device, quick: bool) -> dict:
+    """params.yaml on `device` (`--quick`: the tests' small model)."""
+    from twinv2.config import load_params
+
+    p = load_params()
+    p["train"]["device"] = device.type
+    if quick:
+        from tests.training.conftest import SMALL_MODEL
+
+        p["model"].update(SMALL_MODEL)
+    return p
+
+
 def large_batch(world: Path, device: torch.device, quick: bool, work: Path) -> dict:
     """`twinv2 train --model twinv2` end to end as a GPU would run it for the 200,000 samples/s goal: batch 4,096
     with the square-root rate rule the valid split kept for large batches (lr and user_bias_lr x sqrt(4,096 / 256);
@@ -62,18 +75,13 @@ def large_batch(world: Path, device: torch.device, quick: bool, work: Path) -> d
     import statistics
 
     from pipelines import train
-    from twinv2.config import load_params
 
-    p = load_params()
+    p = _params(device, quick)
     tp = p["train"]
     bs, workers, epochs = (64, 2, 1) if quick else (4096, 4, 2)
     scale = math.sqrt(bs / int(tp["batch_size"]))
-    if quick:
-        from tests.training.conftest import SMALL_MODEL
-
-        p["model"].update(SMALL_MODEL)
     tp.update(batch_size=bs, eval_batch_size=bs, num_workers=workers, epochs=epochs, patience=epochs,
-              progress=False, device=device.type, lr=float(tp["lr"]) * scale)
+              progress=False, lr=float(tp["lr"]) * scale)
     if tp.get("user_bias_lr") is not None:
         tp["user_bias_lr"] = float(tp["user_bias_lr"]) * scale
     t = time.perf_counter()
@@ -91,14 +99,9 @@ def score(world: Path, device: torch.device, quick: bool, work: Path) -> dict:
     """bench_score on `device`: a TWIN-V2 run trained for 1 epoch on the world (the small model with --quick),
     then one user x 500 and the batch path (`--quick`: 10 requests, no HTTP). Its JSON, or the error."""
     from pipelines import train
-    from twinv2.config import load_params
 
-    params = load_params()
-    params["train"].update(epochs=1, device=device.type)
-    if quick:
-        from tests.training.conftest import SMALL_MODEL
-
-        params["model"].update(SMALL_MODEL)
+    params = _params(device, quick)
+    params["train"].update(epochs=1)
     run = work / "score_run"
     try:
         train.run(world, "twinv2", run, params=params)

@@ -159,13 +159,19 @@ def compiled_steps(model, batch, device, steps: int) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
 
-def trained_model(name: str, vocab, params: dict, build_fn=None):
-    """The model as pipelines.train builds it for training: its tables of model.frozen_tables frozen."""
-    from pipelines.train import build, freeze_tables
+def as_trained(model, params: dict):
+    """`model` as pipelines.train prepares it for training: its tables of model.frozen_tables frozen."""
+    from pipelines.train import freeze_tables
 
-    model = (build_fn or build)(name, vocab, params)
-    freeze_tables(model, params.get("model", params).get("frozen_tables") or ())
+    freeze_tables(model, params["model"].get("frozen_tables") or ())
     return model
+
+
+def trained_model(name: str, vocab, params: dict):
+    """pipelines.train.build(name, vocab, params), as_trained."""
+    from pipelines.train import build
+
+    return as_trained(build(name, vocab, params), params)
 
 
 def model_steps(world, name: str, params: dict, batch_sizes, steps: int, device, compile_=False) -> list[dict]:
@@ -197,12 +203,13 @@ def length_steps(lengths, batch_size: int, steps: int, compression: int, device)
     rows = []
     for n in lengths:
         for kind in MODELS:
-            p = dict(load_params()["model"])
+            p = load_params()
             L = n if kind == "twin" else max(1, n // compression)
-            p["twin_window"] = L
+            p["model"]["twin_window"] = L
             torch.manual_seed(0)
-            model = trained_model(kind, VOCAB, p, build_model)
-            batch = random_batch(batch_size, L, p["short_len"], torch.Generator().manual_seed(1), kind == "twinv2")
+            model = as_trained(build_model(kind, VOCAB, p["model"]), p)
+            batch = random_batch(batch_size, L, p["model"]["short_len"], torch.Generator().manual_seed(1),
+                                 kind == "twinv2")
             rows.append({"model": kind, "history": n, "long_len": L, **time_steps(model, batch, device, steps)})
     return rows
 

@@ -139,9 +139,16 @@ class TwinAttention(nn.Module):
         sum_f [id_if == id_qf] beta_m[h, f] (target_match)."""
         if kp.shape[0] > 1 and kp.stride(0) == 0:             # one sequence broadcast over candidates
             a = torch.einsum("lhd,bhd->blh", kp[0], qp).float() / math.sqrt(self.dk)
-            a = a + torch.einsum("lj,hj->lh", cs[0].float(), self.beta.float()).unsqueeze(0)
         else:
             a = torch.einsum("blhd,bhd->blh", kp, qp).float() / math.sqrt(self.dk)
+        return self.row_terms(a, cs, log_n, match)
+
+    def row_terms(self, a: torch.Tensor, cs, log_n, match=None) -> torch.Tensor:
+        """alpha' = the dot part a (B, L, H) float32 + the cross terms sum_j (K_c,ij . w_j) beta_hj [+ the match
+        terms sum_f match_if beta_m[h, f]] [+ ln n_i]."""
+        if cs.shape[0] > 1 and cs.stride(0) == 0:             # one sequence broadcast over candidates
+            a = a + torch.einsum("lj,hj->lh", cs[0].float(), self.beta.float()).unsqueeze(0)
+        else:
             a = a + torch.einsum("blj,hj->blh", cs.float(), self.beta.float())
         if match is not None:
             a = a + torch.einsum("blf,hf->blh", match, self.beta_m.float())
@@ -273,21 +280,11 @@ class TwinAttention(nn.Module):
         qp = self.query(q_kh)                                                      # (B, H, dk)
         u = torch.einsum("bhd,hdf->bhf", qp, self.w_h.weight.view(H, dk, -1).to(qp.dtype)) / math.sqrt(dk)
         a = torch.bmm(kh, u.transpose(1, 2).to(kh.dtype)).float()                 # (B, L, H) K_h . u_h
-        a = a + torch.einsum("blj,hj->blh", cs.float(), self.beta.float())
-        match = self.target_match(seq, target)
-        if match is not None:
-            a = a + torch.einsum("blf,hf->blh", match, self.beta_m.float())
-        if self.use_log_n:
-            a = a + seq["log_n"].float().unsqueeze(-1)
-        mask = seq["mask"]
-        w = masked_softmax(a, mask.unsqueeze(-1), dim=1)                           # (B, L, H)
+        a = self.row_terms(a, cs, seq["log_n"], self.target_match(seq, target))    # alpha' (B, L, H)
+        w = masked_softmax(a, seq["mask"].unsqueeze(-1), dim=1)                    # (B, L, H)
         pooled = torch.bmm(w.transpose(1, 2).to(x.dtype), x)                      # (B, H, d_h + J c)
         out = torch.einsum("bhf,hdf->bhd", pooled, self.w_v.weight.view(H, dk, -1).to(pooled.dtype))
-        out = out.reshape(B, H * dk)                                               # (B, H*dk)
-        if not self.mass:
-            return out
-        lse = torch.logsumexp(a.masked_fill(~mask.unsqueeze(-1), -1e4), dim=1)    # (B, H)
-        return torch.cat([out, nn.functional.softplus(lse).to(out.dtype)], dim=-1)
+        return self.with_mass(out.reshape(B, H * dk), a, seq["mask"])             # (B, out_dim)
 
     def pool(self, a: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """alpha' (B, L, H), mask (B, L), values (B, L, H, dk) -> softmax-weighted values, heads concatenated
@@ -304,7 +301,11 @@ class TwinAttention(nn.Module):
             out = torch.einsum("blh,lhd->bhd", w.to(v.dtype), v[0])            # (B, H, dk), v not copied
         else:
             out = torch.einsum("blh,blhd->bhd", w.to(v.dtype), v)              # (B, H, dk)
-        out = out.reshape(out.shape[0], self.H * self.dk)
+        return self.with_mass(out.reshape(out.shape[0], self.H * self.dk), a, mask)
+
+    def with_mass(self, out: torch.Tensor, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The pooled heads (B, H*dk), then with `mass` each head's match mass softplus(logsumexp_i alpha'_ih)
+        (B, H) of alpha' (B, L, H) over the real rows of mask (B, L) (pool's docstring)."""
         if not self.mass:
             return out
         lse = torch.logsumexp(a.float().masked_fill(~mask.unsqueeze(-1), -1e4), dim=1)   # (B, H)

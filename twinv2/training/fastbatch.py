@@ -174,11 +174,8 @@ def per_sample(ds, chunk: int = 65536) -> dict:
 
 
 def _life(ds, i: np.ndarray) -> np.ndarray:
-    s, v = ds.samples, ds.vocab
-    item = s.item[i]
-    target = {"item": item, "author": v.item_author[item], "category": v.item_category[item]}
-    glo, ghi = ds.gap_bounds(i)
-    return life_features(ds.life, gaps_for(ds, ds.mix_fields), s.cidx[i], target, glo, ghi, ds.mix_fields)
+    cidx, target, glo, ghi = ds.life_query(i)
+    return life_features(ds.life, gaps_for(ds, ds.mix_fields), cidx, target, glo, ghi, ds.mix_fields)
 
 
 def fast_batch(ds, i: np.ndarray) -> dict:

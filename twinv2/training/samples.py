@@ -272,11 +272,17 @@ class SampleSet(torch.utils.data.Dataset):
     def life_counts(self, i: np.ndarray) -> torch.Tensor:
         """virtual_mix: the match counts (base.match_counts' 4F + 2 numbers, F = MIX_FIELDS) of samples i over
         their whole life cycle up to ts: every cluster of the user (its id mix) plus the gap rows [W, ts)."""
+        cidx, target, glo, ghi = self.life_query(i)
+        return torch.from_numpy(self.life.features(cidx, target, self.raw, glo, ghi))
+
+    def life_query(self, i: np.ndarray) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
+        """What the whole-life counts of samples i read: cluster-store index (B,), the target's ids of every
+        MIX_FIELDS field (dict of (B,)), the gap rows [glo, ghi) (raw rows in [W, ts))."""
         s, v = self.samples, self.vocab
         item = s.item[i]
         target = {"item": item, "author": v.item_author[item], "category": v.item_category[item]}
         glo, ghi = self.gap_bounds(i)
-        return torch.from_numpy(self.life.features(s.cidx[i], target, self.raw, glo, ghi))
+        return s.cidx[i], target, glo, ghi
 
 
 class BatchOrder(torch.utils.data.Sampler):
